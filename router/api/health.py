@@ -1,0 +1,31 @@
+"""Liveness (`/health`), readiness (`/ready`: the registry is readable) and `/metrics`."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import Request
+from starlette.responses import Response
+
+from router.errors import RouterError
+from router.state import RouterState
+
+
+async def health(request: Request) -> Response:
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+async def ready(request: Request) -> Response:
+    state: RouterState = request.app.state.router
+    try:
+        count = await state.read(lambda conn: conn.execute("SELECT count(*) FROM models").fetchone()[0])
+    except (sqlite3.Error, OSError) as exc:
+        raise RouterError(503, f"registry not readable: {exc.__class__.__name__}", code="not_ready") from None
+    return Response(orjson.dumps({"status": "ready", "models": count}), media_type="application/json")
+
+
+async def metrics(request: Request) -> Response:
+    state: RouterState = request.app.state.router
+    return Response(state.metrics.render(), headers={"content-type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,76 @@
+"""The ASGI application: routes, error handlers, and the process lifespan.
+
+`create_app` is the uvicorn factory (`router serve` runs it in each worker).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from router.api import agents, chat, health, models
+from router.config import Settings, get_settings
+from router.errors import RouterError, error_body
+from router.observability import setup_logging
+from router.state import RouterState
+
+log = logging.getLogger("router")
+
+
+async def _router_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RouterError)
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = "Not found" if exc.status_code == 404 else str(exc.detail)
+    if exc.status_code == 404:
+        message = f"Unknown request URL: {request.method} {request.url.path}."
+    return Response(error_body(message, exc.status_code, code="unknown_url" if exc.status_code == 404 else None),
+                    exc.status_code, headers=exc.headers, media_type="application/json")
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return Response(error_body("The server had an error while processing your request.", 500,
+                               code="internal_error"), 500, media_type="application/json")
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or get_settings()
+    setup_logging(settings)
+    state = RouterState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await state.start()
+        log.info("router ready: registry %s, %d models", settings.sqlite_db_path, len(state.models))
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
+            Route("/v1/models", models.list_models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
+            Route("/register", agents.register, methods=["POST"]),
+            Route("/heartbeat", agents.heartbeat, methods=["POST"]),
+            Route("/health", health.health, methods=["GET"]),
+            Route("/ready", health.ready, methods=["GET"]),
+            Route("/metrics", health.metrics, methods=["GET"]),
+        ],
+        exception_handlers={RouterError: _router_error, HTTPException: _http_error, Exception: _unexpected},
+        lifespan=lifespan,
+    )
+    app.state.router = state
+    return app

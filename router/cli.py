@@ -1,0 +1,193 @@
+"""Command line: `router serve` and the registry commands.
+
+Run as `python -m router.cli COMMAND` or through the `router` console script.
+Every failure prints one line to stderr and exits non-zero; a failed command
+leaves the database as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from datetime import datetime
+from typing import NoReturn, Optional
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from router.config import ConfigError, Settings, load_settings
+from router.errors import Scrubber
+from router.registry import RegistryError, RegistryStore, validate_url
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="LLM router: serve the OpenAI-compatible endpoint and manage the model registry.")
+out = Console(highlight=False)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+def store(s: Settings) -> RegistryStore:
+    return RegistryStore(s.sqlite_db_path)
+
+
+@app.command()
+def serve(
+    host: Optional[str] = typer.Option(None, help="Interface to bind (default ROUTER_HOST or 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="Port (default ROUTER_PORT or 8000)."),
+    workers: Optional[int] = typer.Option(None, help="Worker processes sharing the registry (default 1)."),
+) -> None:
+    """Serve the router."""
+    import uvicorn
+
+    s = settings()
+    workers = workers or s.router_workers
+    try:
+        store(s).connect().close()  # create and migrate the registry once, before workers start
+    except Exception as exc:  # noqa: BLE001
+        fail(f"cannot open registry {s.sqlite_db_path}: {exc}")
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="router-metrics-")
+    uvicorn.run(
+        "router.app:create_app", factory=True,
+        host=host or s.router_host, port=port or s.router_port, workers=workers,
+        loop="uvloop", http="httptools", access_log=False, log_level=s.log_level.lower(),
+        timeout_graceful_shutdown=30,
+    )
+
+
+@app.command("add-model")
+def add_model(
+    name: str = typer.Argument(..., help="Model name clients will send."),
+    type: str = typer.Argument(..., metavar="TYPE", help="Provider type (local, openai, anthropic, ...)."),
+    endpoint: str = typer.Argument(..., help="Base URL of the provider, with or without /v1."),
+    kind: str = typer.Argument(..., help="api or weight."),
+) -> None:
+    """Add a model to the registry."""
+    s = settings()
+    try:
+        conn = store(s).connect()
+        try:
+            entry = store(s).add_model(conn, name, type, endpoint, kind)
+        finally:
+            conn.close()
+    except RegistryError as exc:
+        fail(str(exc))
+    out.print(f"added {entry.name} ({entry.type}, {entry.kind}) -> {entry.endpoint}")
+
+
+@app.command("remove-model")
+def remove_model(name: str = typer.Argument(..., help="Model name to remove.")) -> None:
+    """Remove a model from the registry."""
+    s = settings()
+    conn = store(s).connect()
+    try:
+        removed = store(s).remove_model(conn, name)
+    finally:
+        conn.close()
+    if not removed:
+        fail(f"model {name!r} is not in the registry")
+    out.print(f"removed {name}")
+
+
+@app.command("list-models")
+def list_models() -> None:
+    """List the registry's models and the agents that announced themselves."""
+    s = settings()
+    conn = store(s).connect()
+    try:
+        models, agents = store(s).load(conn)
+    finally:
+        conn.close()
+    table = Table(title=f"models in {s.sqlite_db_path}")
+    for col in ("name", "type", "kind", "endpoint", "updated"):
+        table.add_column(col)
+    for m in models:
+        table.add_row(m.name, m.type, m.kind, m.endpoint, _when(m.updated_at))
+    out.print(table)
+    if agents:
+        at = Table(title="agents")
+        for col in ("name", "endpoint", "models", "last heartbeat"):
+            at.add_column(col)
+        for a in agents:
+            at.add_row(a.name, a.endpoint, ", ".join(a.models), _when(a.last_heartbeat))
+        out.print(at)
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@app.command("refresh-openai")
+def refresh_openai() -> None:
+    """Upsert the models listed by {OPENAI_BASE_URL}/v1/models as type openai."""
+    s = settings()
+    if s.external_openai_key is None:
+        fail("EXTERNAL_OPENAI_KEY is not set")
+    base = s.openai_base_url
+    try:
+        validate_url(base, "OPENAI_BASE_URL")
+    except RegistryError as exc:
+        fail(str(exc))
+    from router.providers.base import normalize_base_url
+
+    key = s.external_openai_key.get_secret_value()
+    names = fetch_model_ids(normalize_base_url(base) + "/v1/models", {"Authorization": f"Bearer {key}"},
+                            Scrubber([key]))
+    conn = store(s).connect()
+    try:
+        changes = store(s).sync_models(conn, "openai", base, "api", names)
+    finally:
+        conn.close()
+    report(changes)
+
+
+def fetch_model_ids(url: str, headers: dict[str, str], scrub: Scrubber, timeout: float = 15.0) -> list[str]:
+    request = urllib.request.Request(url, headers={"Accept": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            body = resp.read()
+    except urllib.error.HTTPError as exc:
+        detail = scrub(exc.read().decode("utf-8", "replace")[:300].replace("\n", " "))
+        fail(f"{url} answered HTTP {exc.code}: {detail}")
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", exc)
+        fail(f"could not reach {url}: {scrub(str(reason))}")
+    try:
+        data = orjson.loads(body)
+        ids = [m["id"] for m in data["data"]]
+        if not all(isinstance(i, str) and i for i in ids):
+            raise TypeError("model ids must be strings")
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        fail(f"{url} did not answer an OpenAI model list: {exc}")
+    return ids
+
+
+def report(changes: dict[str, list[str]]) -> None:
+    for verb in ("added", "updated", "skipped"):
+        for name in changes[verb]:
+            note = " (registered under another type)" if verb == "skipped" else ""
+            out.print(f"{verb} {name}{note}")
+    out.print(", ".join(f"{len(v)} {k}" for k, v in changes.items()))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Router configuration: one typed settings object.
+
+Sources, highest first: environment variables, a `.env` file in the working
+directory, `[tool.router]` in `pyproject.toml`, then the defaults below.
+Provider keys are `SecretStr`, so they never show up in a repr or a log line.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    PyprojectTomlConfigSettingsSource,
+    SettingsConfigDict,
+)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        pyproject_toml_table_header=("tool", "router"),
+    )
+
+    # Server
+    router_host: str = "127.0.0.1"
+    router_port: int = Field(8000, ge=1, le=65535)
+    router_workers: int = Field(1, ge=1, le=64)
+
+    # Registry and agents
+    sqlite_db_path: str = "data/models.db"
+    registry_poll_interval: float = Field(1.0, gt=0, le=60)
+    agent_ttl: float = Field(30.0, gt=0)
+    router_agent_token: SecretStr | None = None
+
+    # Providers
+    local_agent_url: str | None = "http://localhost:5000"
+    openai_base_url: str = "https://api.openai.com"
+    external_openai_key: SecretStr | None = None
+    llmd_endpoint: str | None = None
+    anthropic_base_url: str = "https://api.anthropic.com"
+    external_anthropic_key: SecretStr | None = None
+    google_base_url: str = "https://generativelanguage.googleapis.com"
+    external_google_key: SecretStr | None = None
+    openrouter_base_url: str = "https://openrouter.ai/api"
+    external_openrouter_key: SecretStr | None = None
+    grok_base_url: str = "https://api.x.ai"
+    external_grok_key: SecretStr | None = None
+    venice_base_url: str = "https://api.venice.ai/api"
+    external_venice_key: SecretStr | None = None
+    hf_cache_dir: str = "data/hf_models"
+    hf_device: str = "cpu"
+    hugging_face_hub_token: SecretStr | None = None
+
+    # Upstream HTTP
+    upstream_connect_timeout: float = Field(10.0, gt=0)
+    upstream_timeout: float = Field(600.0, gt=0)
+    upstream_max_connections: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+
+    # Caching and rate limiting (used by later modules)
+    redis_url: str | None = None
+    cache_ttl: int = Field(300, ge=0)
+    rate_limit_requests: int = Field(60, ge=0)
+
+    # Smart routing weights
+    router_cost_weight: float = 1.0
+    router_latency_weight: float = 1.0
+    router_cost_threshold: float = 1000
+
+    # Observability
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_dir: str = "logs"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: object) -> object:
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator(
+        "local_agent_url", "llmd_endpoint", "redis_url", "router_agent_token",
+        "external_openai_key", "external_anthropic_key", "external_google_key",
+        "external_openrouter_key", "external_grok_key", "external_venice_key",
+        "hugging_face_hub_token", mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        # `LLMD_ENDPOINT=` in a .env file means "not set", as in the design's sample.
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            dotenv_settings,
+            _UpperKeysPyproject(settings_cls),
+        )
+
+
+class _UpperKeysPyproject(PyprojectTomlConfigSettingsSource):
+    """`[tool.router]` keys are written like the environment (ROUTER_COST_WEIGHT)."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls)
+        self.toml_data = {k.lower(): v for k, v in self.toml_data.items()}
+        self.init_kwargs = self.toml_data
+
+
+class ConfigError(Exception):
+    """Raised with a one-line message naming each invalid variable."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        parts = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]).upper() or "settings"
+            parts.append(f"{name}: {err['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(parts)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

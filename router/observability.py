@@ -1,0 +1,88 @@
+"""Prometheus metrics and rotated logs.
+
+Metrics: requests by model, provider and status; a latency histogram; requests
+in flight. With several workers (`router serve --workers N`) the values live in
+prometheus-client's multiprocess files and `/metrics` sums them.
+Logs: `LOG_DIR/router.log`, rotated at midnight, written by a background
+thread (a queue handler), so logging never puts disk I/O on the request path.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import logging.handlers
+import os
+import queue
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import disable_created_metrics, multiprocess
+
+from router.config import Settings
+
+log = logging.getLogger("router")
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+MAX_MODEL_LABELS = 500  # beyond this many distinct names, further models count as "other"
+
+disable_created_metrics()  # the *_created series only add noise to scrapes
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("router_requests_total", "Chat completion requests",
+                                ("model", "provider", "status"), registry=self.registry)
+        self.latency = Histogram("router_request_duration_seconds",
+                                 "Time from request to the last byte of the answer",
+                                 ("model", "provider"), buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.in_flight = Gauge("router_requests_in_flight", "Chat completion requests being served",
+                               registry=self.registry, multiprocess_mode="livesum")
+        self._models: set[str] = set()
+
+    def model_label(self, model: str) -> str:
+        if model in self._models:
+            return model
+        if len(self._models) < MAX_MODEL_LABELS:
+            self._models.add(model)
+            return model
+        return "other"
+
+    def observe(self, model: str, provider: str, status: int, started: float) -> None:
+        self.requests.labels(model, provider, str(status)).inc()
+        self.latency.labels(model, provider).observe(time.perf_counter() - started)
+
+    def render(self) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+
+_listener: logging.handlers.QueueListener | None = None
+
+
+def setup_logging(settings: Settings) -> None:
+    """Route the `router` and uvicorn loggers through a queue to file and stderr."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+    os.makedirs(settings.log_dir, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+    file_handler = logging.handlers.TimedRotatingFileHandler(
+        os.path.join(settings.log_dir, "router.log"), when="midnight", backupCount=14, encoding="utf-8")
+    console = logging.StreamHandler()
+    for h in (file_handler, console):
+        h.setFormatter(fmt)
+    q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    _listener = logging.handlers.QueueListener(q, file_handler, console, respect_handler_level=False)
+    _listener.start()
+    atexit.register(_listener.stop)
+    handler = logging.handlers.QueueHandler(q)
+    for name in ("router", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.setLevel(settings.log_level)
+        logger.propagate = False

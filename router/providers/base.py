@@ -1,0 +1,99 @@
+"""The provider interface: what a backend receives and what it must answer.
+
+`ApiProvider` forwards to a remote HTTP API; `WeightProvider` runs weights in
+this process. Routing (`router.routing`) picks a provider instance per model;
+the endpoint (`router.api.chat`) hands it a parsed `ChatCall` and returns
+whatever `Response` it gives back (JSON, or an `SSEResponse` for streams).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlsplit
+
+from starlette.responses import Response
+
+from router.errors import RouterError
+
+if TYPE_CHECKING:
+    from pydantic import SecretStr
+
+    from router.upstream import UpstreamClient
+
+
+@dataclass(slots=True)
+class ChatCall:
+    """One chat-completions request, parsed once.
+
+    `body` is the client's exact bytes: pass-through providers forward them
+    untouched; translating providers read `payload`.
+    """
+
+    model: str
+    payload: dict[str, Any]
+    body: bytes
+    stream: bool
+    include_usage: bool
+
+
+class Provider(ABC):
+    #: the registry `type` this class serves; also the `provider` metric label
+    type: ClassVar[str]
+
+    @abstractmethod
+    async def chat(self, call: ChatCall) -> Response:
+        """Answer one chat completion, streaming or not, or raise `RouterError`."""
+
+
+class ApiProvider(Provider):
+    """A provider reached over HTTP through the router's shared connection pool."""
+
+    #: environment variables holding this provider's base URL and key, for error messages
+    url_var: ClassVar[str]
+    key_var: ClassVar[str | None] = None
+
+    def __init__(self, http: UpstreamClient, base_url: str, api_key: SecretStr | None = None,
+                 *, key_required: bool = True) -> None:
+        self.http = http
+        self.base_url = normalize_base_url(base_url)
+        self.api_key = api_key
+        self.key_required = key_required and self.key_var is not None
+
+    def require_key(self) -> str | None:
+        if self.api_key is None:
+            if self.key_required:
+                raise RouterError(
+                    500, f"provider '{self.type}' is not configured: set {self.key_var}",
+                    code="provider_not_configured")
+            return None
+        return self.api_key.get_secret_value()
+
+
+class WeightProvider(Provider):
+    """A provider that loads model weights and runs inference inside the router."""
+
+
+class UnimplementedProvider(Provider):
+    """Stands for a registry type whose provider has not landed yet (HTTP 501)."""
+
+    def __init__(self, type: str) -> None:
+        self.type = type  # type: ignore[misc]
+
+    async def chat(self, call: ChatCall) -> Response:
+        raise RouterError(501, f"provider '{self.type}' is not implemented yet (model '{call.model}')",
+                          code="provider_not_implemented")
+
+
+def normalize_base_url(url: str) -> str:
+    """Accept a base URL with or without a trailing `/v1` (and slashes)."""
+    url = url.strip().rstrip("/")
+    if url.endswith("/v1"):
+        url = url[:-3].rstrip("/")
+    return url
+
+
+def same_origin(a: str, b: str) -> bool:
+    pa, pb = urlsplit(normalize_base_url(a)), urlsplit(normalize_base_url(b))
+    return (pa.scheme, pa.netloc) == (pb.scheme, pb.netloc)

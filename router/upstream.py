@@ -1,0 +1,163 @@
+"""Upstream HTTP: the pooled keep-alive client every `ApiProvider` shares, the
+mapping of transport failures to OpenAI errors (502/504), and the SSE relay
+that passes a stream through chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping
+from urllib.parse import urlsplit
+
+import aiohttp
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from router.config import Settings
+from router.errors import RouterError, Scrubber, upstream_error
+
+# Upstream response headers worth handing to the client unchanged.
+_PASS_HEADERS = ("retry-after", "x-request-id", "openai-processing-ms")
+_PASS_PREFIX = "x-ratelimit-"
+_DONE_TAIL = 32  # bytes of stream tail kept to see whether `data: [DONE]` arrived
+
+
+class SSEResponse(StreamingResponse):
+    """A text/event-stream response that always closes its source and then runs
+    `on_close` callbacks, whether the stream ended, failed or the client left."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[bytes], status_code: int = 200,
+                 headers: Mapping[str, str] | None = None) -> None:
+        hdrs = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+        if headers:
+            hdrs.update(headers)
+        super().__init__(content, status_code, hdrs)
+        self.on_close: list[Callable[[], None]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()  # a client disconnect cancels the upstream read right here
+            for callback in self.on_close:
+                callback()
+
+
+def sse_error_tail(tail: bytes) -> bytes:
+    """Separator needed before an injected event so it never lands inside another."""
+    if not tail or tail.endswith(b"\n\n") or tail.endswith(b"\r\n\r\n"):
+        return b""
+    return b"\n\n" if not tail.endswith(b"\n") else b"\n"
+
+
+class UpstreamClient:
+    """One aiohttp session with a keep-alive pool, shared by all API providers."""
+
+    def __init__(self, settings: Settings, scrub: Scrubber) -> None:
+        self.scrub = scrub
+        self._timeout = aiohttp.ClientTimeout(
+            total=settings.upstream_timeout,
+            connect=settings.upstream_connect_timeout,
+            sock_connect=settings.upstream_connect_timeout,
+        )
+        self._limit = settings.upstream_max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=0, ttl_dns_cache=300,
+                                         keepalive_timeout=60)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout, auto_decompress=False,
+            skip_auto_headers=("User-Agent",), raise_for_status=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- requests --------------------------------------------------------------
+
+    async def open(self, provider: str, url: str, body: bytes,
+                   headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+        """Send the request and wait for the response head; map transport failures."""
+        assert self._session is not None, "UpstreamClient.start() was not awaited"
+        try:
+            return await self._session.post(url, data=body, headers=headers)
+        except BaseException as exc:  # noqa: BLE001 - mapped or re-raised below
+            raise self._transport_error(exc, provider, url) from None
+
+    async def read(self, provider: str, url: str, resp: aiohttp.ClientResponse) -> bytes:
+        try:
+            return await resp.read()
+        except BaseException as exc:  # noqa: BLE001
+            resp.close()
+            raise self._transport_error(exc, provider, url) from None
+        finally:
+            resp.release()
+
+    def _transport_error(self, exc: BaseException, provider: str, url: str) -> BaseException:
+        host = urlsplit(url).netloc
+        if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+            return RouterError(504, f"upstream {provider} at {host} timed out", code="upstream_timeout")
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            reason = self.scrub(str(exc.os_error) if exc.os_error else exc.__class__.__name__)
+            return RouterError(502, f"could not connect to upstream {provider} at {host}: {reason}",
+                               code="upstream_unreachable")
+        if isinstance(exc, aiohttp.ClientError):
+            return RouterError(502, f"upstream {provider} at {host} failed: {exc.__class__.__name__}",
+                               code="upstream_error")
+        return exc  # cancellation and programming errors propagate unchanged
+
+    def error_from(self, provider: str, resp: aiohttp.ClientResponse, body: bytes) -> RouterError:
+        return upstream_error(resp.status, body, self.scrub, provider, pass_headers(resp))
+
+    # -- OpenAI-compatible pass-through ------------------------------------------
+
+    async def forward(self, provider: str, url: str, body: bytes, headers: Mapping[str, str],
+                      stream: bool) -> Response:
+        """POST `body` as is and relay the answer: JSON whole, SSE chunk by chunk."""
+        resp = await self.open(provider, url, body, headers)
+        if resp.status >= 400:
+            raise self.error_from(provider, resp, await self.read(provider, url, resp))
+        if stream and resp.content_type == "text/event-stream":
+            return SSEResponse(self._relay(provider, url, resp), resp.status, pass_headers(resp))
+        data = await self.read(provider, url, resp)
+        return Response(data, resp.status, pass_headers(resp),
+                        media_type=resp.content_type or "application/json")
+
+    async def _relay(self, provider: str, url: str, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        tail = b""
+        complete = False
+        try:
+            async for chunk in resp.content.iter_any():
+                tail = (tail + chunk)[-_DONE_TAIL:]
+                yield chunk
+            if b"[DONE]" in tail:
+                complete = True
+            else:
+                err = RouterError(502, f"upstream {provider} closed the stream before [DONE]",
+                                  code="upstream_stream_truncated")
+                yield sse_error_tail(tail) + err.sse_event()
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            err = self._transport_error(exc, provider, url)
+            assert isinstance(err, RouterError)
+            yield sse_error_tail(tail) + err.sse_event()
+        finally:
+            if complete:
+                resp.release()
+            else:
+                resp.close()
+
+
+def pass_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
+    out = {}
+    for name, value in resp.headers.items():
+        low = name.lower()
+        if low in _PASS_HEADERS or low.startswith(_PASS_PREFIX):
+            out[low] = value
+    return out

@@ -1,0 +1,52 @@
+"""Shared fixtures: upstream stubs and router processes on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.openai_stub import OpenAIStub
+from tests.support.processes import RouterProcess
+
+UPSTREAM_KEY = "sk-test-upstream-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def openai_stub() -> Iterator[OpenAIStub]:
+    stub = OpenAIStub(name="openai", key=UPSTREAM_KEY).start()
+    yield stub
+    stub.stop()
+
+
+@pytest.fixture()
+def stub(openai_stub: OpenAIStub) -> OpenAIStub:
+    openai_stub.reset()
+    return openai_stub
+
+
+@pytest.fixture(scope="session")
+def router(tmp_path_factory: pytest.TempPathFactory, openai_stub: OpenAIStub) -> Iterator[RouterProcess]:
+    """A router whose OpenAI upstream is the stub; shared by tests that only read."""
+    proc = RouterProcess(tmp_path_factory.mktemp("router"), {
+        "OPENAI_BASE_URL": openai_stub.url, "EXTERNAL_OPENAI_KEY": UPSTREAM_KEY,
+        "UPSTREAM_TIMEOUT": "2", "MAX_BODY_BYTES": "65536", "LOCAL_AGENT_URL": "",
+    }).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture()
+def start_router(tmp_path: Path) -> Iterator[Callable[..., RouterProcess]]:
+    """Start routers with their own environment; all are stopped after the test."""
+    started: list[RouterProcess] = []
+
+    def start(env: dict[str, str] | None = None, workers: int = 1, workdir: Path | None = None) -> RouterProcess:
+        proc = RouterProcess(workdir or tmp_path, env, workers).start()
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

@@ -1,0 +1,242 @@
+"""A real OpenAI-compatible HTTP server on loopback, run in a background thread.
+
+It stands for what lives outside (api.openai.com, a vLLM server behind an
+agent). What it answers is built from the `openai` SDK's own response types;
+what it receives is checked against the official spec's
+`CreateChatCompletionRequest` and recorded for the test to inspect.
+
+Behaviour is chosen by the requested model name:
+  gpt-error-NNN      answer HTTP NNN with an OpenAI error that echoes the key it got
+  gpt-slow           sleep `slow_seconds` before answering
+  gpt-midstream-fail stream two chunks, then drop the connection
+  gpt-truncated      stream two chunks, then end cleanly without [DONE]
+  gpt-drip           stream a chunk every 50 ms (up to 200) and notice a client leaving
+  gpt-gated          stream one chunk, then wait for `gate` before the rest
+  gpt-tools          answer with a tool call
+  anything else      "Hello from <name>", streaming or not
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat.chat_completion import Choice
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+from openai.types.chat.chat_completion_chunk import ChoiceDelta, ChoiceDeltaToolCall, ChoiceDeltaToolCallFunction
+from openai.types.chat.chat_completion_message import ChatCompletionMessage
+from openai.types.chat.chat_completion_message_tool_call import ChatCompletionMessageToolCall, Function
+from openai.types.completion_usage import CompletionUsage
+from openai.types.model import Model
+
+from tests.support.schema import errors as spec_errors
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    peer: tuple[str, int]
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+@dataclass
+class OpenAIStub:
+    name: str = "stub"
+    key: str | None = None
+    model_ids: list[str] = field(default_factory=lambda: ["gpt-4o", "gpt-4o-mini"])
+    slow_seconds: float = 3.0
+    requests: list[Received] = field(default_factory=list)
+    spec_violations: list[str] = field(default_factory=list)
+    gate: threading.Event = field(default_factory=threading.Event)
+    client_gone: threading.Event = field(default_factory=threading.Event)
+    chunks_sent: int = 0
+    port: int = 0
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> OpenAIStub:
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, args=(ready,), daemon=True, name=f"stub-{self.name}")
+        self._thread.start()
+        assert ready.wait(10), "stub did not start"
+        return self
+
+    def _serve(self, ready: threading.Event) -> None:
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        self.loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        self.loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(self._runner.cleanup())
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self.spec_violations.clear()
+        self.gate.clear()
+        self.client_gone.clear()
+        self.chunks_sent = 0
+
+    def last(self) -> Received:
+        assert self.requests, f"stub {self.name} received no request"
+        return self.requests[-1]
+
+    # -- handlers --------------------------------------------------------------------
+
+    def _record(self, request: web.Request, body: bytes) -> None:
+        peer = request.transport.get_extra_info("peername") if request.transport else ("?", 0)
+        self.requests.append(Received(request.path, dict(request.headers), body, tuple(peer[:2])))
+
+    def _unauthorized(self, request: web.Request) -> web.Response | None:
+        if self.key is None:
+            return None
+        given = request.headers.get("Authorization", "")
+        if given == f"Bearer {self.key}":
+            return None
+        return web.json_response(
+            {"error": {"message": f"Incorrect API key provided: {given.removeprefix('Bearer ')}.",
+                       "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}},
+            status=401)
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        self._record(request, b"")
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return denied
+        data = [Model(id=m, created=1700000000, object="model", owned_by="openai").model_dump(mode="json")
+                for m in self.model_ids]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self._record(request, body)
+        payload = orjson.loads(body)
+        found = spec_errors("CreateChatCompletionRequest", payload)
+        if found:
+            self.spec_violations.extend(found)
+            return web.json_response({"error": {"message": "; ".join(found), "type": "invalid_request_error",
+                                                "param": None, "code": None}}, status=400)
+        model = payload["model"]
+        if model.startswith("gpt-error-"):
+            status = int(model.rsplit("-", 1)[1])
+            given = request.headers.get("Authorization", "")
+            headers = {"Retry-After": "7"} if status == 429 else None
+            return web.json_response(
+                {"error": {"message": f"Upstream refused (key used: {given.removeprefix('Bearer ')})",
+                           "type": "invalid_request_error", "param": "model", "code": "upstream_says_no"}},
+                status=status, headers=headers)
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return denied
+        if model == "gpt-slow":
+            await asyncio.sleep(self.slow_seconds)
+        if payload.get("stream"):
+            return await self._stream(request, payload)
+        return web.Response(body=self.completion(payload).model_dump_json(exclude_unset=True),
+                            content_type="application/json", headers={"x-request-id": "req_stub"})
+
+    # -- canned answers from the SDK's types --------------------------------------------
+
+    def reply_text(self) -> str:
+        return f"Hello from {self.name}"
+
+    def completion(self, payload: dict[str, Any]) -> ChatCompletion:
+        if payload["model"] == "gpt-tools":
+            message = ChatCompletionMessage(role="assistant", content=None, refusal=None, tool_calls=[
+                ChatCompletionMessageToolCall(id="call_1", type="function",
+                                              function=Function(name="get_weather", arguments='{"city":"Paris"}'))])
+            finish = "tool_calls"
+        else:
+            message = ChatCompletionMessage(role="assistant", content=self.reply_text(), refusal=None)
+            finish = "stop"
+        return ChatCompletion(
+            id="chatcmpl-stub", object="chat.completion", created=1700000000, model=payload["model"],
+            choices=[Choice(index=0, message=message, finish_reason=finish, logprobs=None)],
+            usage=CompletionUsage(prompt_tokens=9, completion_tokens=3, total_tokens=12))
+
+    def chunks(self, payload: dict[str, Any]) -> list[ChatCompletionChunk]:
+        def chunk(delta: ChoiceDelta, finish: str | None = None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id="chatcmpl-stub", object="chat.completion.chunk", created=1700000000,
+                                       model=payload["model"],
+                                       choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish, logprobs=None)])
+
+        out = [chunk(ChoiceDelta(role="assistant", content=""))]
+        if payload["model"] == "gpt-tools":
+            out.append(chunk(ChoiceDelta(tool_calls=[ChoiceDeltaToolCall(
+                index=0, id="call_1", type="function",
+                function=ChoiceDeltaToolCallFunction(name="get_weather", arguments=""))])))
+            for part in ('{"city"', ':"Paris"}'):
+                out.append(chunk(ChoiceDelta(tool_calls=[ChoiceDeltaToolCall(
+                    index=0, function=ChoiceDeltaToolCallFunction(arguments=part))])))
+            out.append(chunk(ChoiceDelta(), "tool_calls"))
+        else:
+            for word in self.reply_text().split(" "):
+                out.append(chunk(ChoiceDelta(content=word if not out[1:] else " " + word)))
+            out.append(chunk(ChoiceDelta(), "stop"))
+        if (payload.get("stream_options") or {}).get("include_usage"):
+            out.append(ChatCompletionChunk(id="chatcmpl-stub", object="chat.completion.chunk", created=1700000000,
+                                           model=payload["model"], choices=[],
+                                           usage=CompletionUsage(prompt_tokens=9, completion_tokens=3,
+                                                                 total_tokens=12)))
+        return out
+
+    async def _stream(self, request: web.Request, payload: dict[str, Any]) -> web.StreamResponse:
+        model = payload["model"]
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        events = [b"data: " + c.model_dump_json(exclude_unset=True).encode() + b"\n\n" for c in self.chunks(payload)]
+        if model == "gpt-drip":
+            events = events[:1] + [events[1]] * 200 + events[-1:]
+        try:
+            for i, event in enumerate(events):
+                if model in ("gpt-midstream-fail", "gpt-truncated") and i == 2:
+                    if model == "gpt-midstream-fail":
+                        request.transport.abort()  # type: ignore[union-attr]
+                        return resp
+                    await resp.write_eof()
+                    return resp
+                if model == "gpt-gated" and i == 1:
+                    await asyncio.get_running_loop().run_in_executor(None, self.gate.wait, 10)
+                if model == "gpt-drip" and i > 0:
+                    await asyncio.sleep(0.05)
+                await resp.write(event)
+                self.chunks_sent += 1
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except (ConnectionResetError, ConnectionError, asyncio.CancelledError):
+            self.client_gone.set()
+            raise
+        return resp
+
+
+def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

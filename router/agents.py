@@ -66,6 +66,7 @@ class AgentPool:
         self.directory = directory
         self.names = names
         self.tracker = directory.tracker
+        self._turn = 0  # rotates the starting agent so ties are shared round-robin
 
     def has_live(self) -> bool:
         now = time.time()
@@ -75,7 +76,10 @@ class AgentPool:
         now = time.time()
         counts = self.tracker.counts
         best, best_load = None, 0
-        for name in self.names:
+        names = self.names
+        self._turn = start = (self._turn + 1) % len(names) if names else 0
+        for i in range(len(names)):
+            name = names[(start + i) % len(names)]
             if self.directory.is_live(name, now):
                 load = counts.get(name, 0)
                 if best is None or load < best_load:

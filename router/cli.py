@@ -26,7 +26,8 @@ from router.registry import RegistryError, RegistryStore, validate_url
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LLM router: serve the OpenAI-compatible endpoint and manage the model registry.")
-out = Console(highlight=False)
+# Piped output (scripts, grep) gets whole cells instead of wrapping at 80 columns.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 1000)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -1,0 +1,130 @@
+"""The registry CLI, run as a user runs it, and a running router seeing its changes."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import UPSTREAM_KEY
+from tests.support.openai_stub import OpenAIStub, wait_for
+from tests.support.processes import free_port, run_cli
+
+
+def db_digest(workdir: Path) -> str:
+    conn = sqlite3.connect(workdir / "data" / "models.db")
+    rows = conn.execute("SELECT name, type, endpoint, kind, created_at, updated_at FROM models ORDER BY name").fetchall()
+    conn.close()
+    return hashlib.sha256(repr(rows).encode()).hexdigest()
+
+
+def test_add_list_remove(tmp_path: Path) -> None:
+    r = run_cli(tmp_path, "add-model", "local_mistral", "local", "http://localhost:5000", "weight")
+    assert r.returncode == 0, r.stderr
+    r = run_cli(tmp_path, "add-model", "meta-llama/Llama-3", "huggingface", "https://huggingface.co", "weight")
+    assert r.returncode == 0, r.stderr
+    listing = run_cli(tmp_path, "list-models")
+    assert listing.returncode == 0
+    for text in ("local_mistral", "meta-llama/Llama-3", "huggingface", "http://localhost:5000", "weight"):
+        assert text in listing.stdout
+    assert run_cli(tmp_path, "remove-model", "local_mistral").returncode == 0
+    listing = run_cli(tmp_path, "list-models").stdout
+    assert "local_mistral" not in listing and "meta-llama/Llama-3" in listing
+
+
+def test_database_folder_is_created_and_schema_versioned(tmp_path: Path) -> None:
+    assert not (tmp_path / "data").exists()
+    assert run_cli(tmp_path, "list-models").returncode == 0
+    conn = sqlite3.connect(tmp_path / "data" / "models.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] >= 1
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"models", "agents"} <= tables
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(models)")}
+    assert {"name", "type", "endpoint", "kind", "created_at", "updated_at"} <= cols
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(agents)")}
+    assert {"name", "endpoint", "models", "registered_at", "last_heartbeat"} <= cols
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("m1", "nosuchtype", "http://x:1", "api"), "unknown type"),
+    (("m1", "openai", "http://x:1", "remote"), "kind must be"),
+    (("m1", "openai", "not a url", "api"), "http(s) URL"),
+    (("m1", "openai", "ftp://host/x", "api"), "http(s) URL"),
+    (("m1", "openai", "http://host:99999", "api"), "port"),
+    (("existing", "openai", "http://x:1", "api"), "already exists"),
+])
+def test_bad_input_exits_nonzero_with_one_line_and_leaves_db_unchanged(tmp_path: Path, args, fragment) -> None:
+    assert run_cli(tmp_path, "add-model", "existing", "local", "http://localhost:5000", "weight").returncode == 0
+    before = db_digest(tmp_path)
+    r = run_cli(tmp_path, "add-model", *args)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert db_digest(tmp_path) == before
+
+
+def test_remove_unknown_model_fails(tmp_path: Path) -> None:
+    r = run_cli(tmp_path, "remove-model", "ghost")
+    assert r.returncode != 0 and "ghost" in r.stderr
+
+
+def test_refresh_openai_upserts_and_reports(tmp_path: Path) -> None:
+    stub = OpenAIStub(name="refresh", key=UPSTREAM_KEY, model_ids=["gpt-4o", "gpt-4o-mini"]).start()
+    env = {"OPENAI_BASE_URL": stub.url, "EXTERNAL_OPENAI_KEY": UPSTREAM_KEY}
+    try:
+        assert run_cli(tmp_path, "add-model", "gpt-4o-mini", "local", "http://localhost:5000", "api").returncode == 0
+        r = run_cli(tmp_path, "refresh-openai", env=env)
+        assert r.returncode == 0, r.stderr
+        assert "added gpt-4o" in r.stdout and "skipped gpt-4o-mini" in r.stdout
+        assert stub.last().headers["Authorization"] == f"Bearer {UPSTREAM_KEY}"
+        stub.model_ids.append("o3-mini")
+        r = run_cli(tmp_path, "refresh-openai", env=env)
+        assert "added o3-mini" in r.stdout and "1 unchanged" in r.stdout
+        listing = run_cli(tmp_path, "list-models").stdout
+        assert "o3-mini" in listing and "openai" in listing
+        assert UPSTREAM_KEY not in r.stdout + r.stderr + listing
+    finally:
+        stub.stop()
+
+
+@pytest.mark.parametrize("case", ["unreachable", "bad-key", "no-key"])
+def test_refresh_openai_failures_leave_db_unchanged(tmp_path: Path, case: str) -> None:
+    stub = OpenAIStub(name="refresh", key=UPSTREAM_KEY).start()
+    try:
+        env = {"OPENAI_BASE_URL": stub.url, "EXTERNAL_OPENAI_KEY": "sk-wrong-key-abcdefgh"}
+        if case == "unreachable":
+            env = {"OPENAI_BASE_URL": f"http://127.0.0.1:{free_port()}", "EXTERNAL_OPENAI_KEY": UPSTREAM_KEY}
+        elif case == "no-key":
+            env = {"OPENAI_BASE_URL": stub.url}
+        assert run_cli(tmp_path, "add-model", "keep-me", "openai", stub.url, "api").returncode == 0
+        before = db_digest(tmp_path)
+        r = run_cli(tmp_path, "refresh-openai", env=env)
+        assert r.returncode != 0
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "sk-wrong-key-abcdefgh" not in r.stderr and UPSTREAM_KEY not in r.stderr
+        if case == "no-key":
+            assert "EXTERNAL_OPENAI_KEY" in r.stderr
+        assert db_digest(tmp_path) == before
+    finally:
+        stub.stop()
+
+
+def test_running_router_sees_cli_changes_without_restart(start_router, openai_stub: OpenAIStub) -> None:
+    vllm = OpenAIStub(name="hot").start()
+    try:
+        router = start_router({"REGISTRY_POLL_INTERVAL": "1"})
+        client = router.client()
+        with router.http() as http:
+            assert http.post("/v1/chat/completions", json={
+                "model": "hot-model", "messages": [{"role": "user", "content": "x"}]}).status_code == 404
+        assert router.cli("add-model", "hot-model", "openai", vllm.url, "api").returncode == 0
+        assert wait_for(lambda: "hot-model" in {m.id for m in client.models.list().data}, 5)
+        answer = client.chat.completions.create(model="hot-model", messages=[{"role": "user", "content": "x"}])
+        assert answer.choices[0].message.content == "Hello from hot"
+        assert router.cli("remove-model", "hot-model").returncode == 0
+        assert wait_for(lambda: "hot-model" not in {m.id for m in client.models.list().data}, 5)
+    finally:
+        vllm.stop()

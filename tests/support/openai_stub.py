@@ -36,6 +36,7 @@ from openai.types.completion_usage import CompletionUsage
 from openai.types.model import Model
 
 from tests.support.schema import errors as spec_errors
+from tests.support.schema import validator
 
 
 @dataclass
@@ -65,6 +66,7 @@ class OpenAIStub:
     # -- lifecycle -----------------------------------------------------------------
 
     def start(self) -> OpenAIStub:
+        validator("CreateChatCompletionRequest")  # load the spec now, not inside the first timed request
         ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, args=(ready,), daemon=True, name=f"stub-{self.name}")
         self._thread.start()

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from router.api import agents, chat, health, models
 from router.config import Settings, get_settings
@@ -60,7 +61,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     app = Starlette(
         routes=[
-            Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
+            Route("/v1/chat/completions", _chat_route, methods=["POST"]),
             Route("/v1/models", models.list_models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
             Route("/register", agents.register, methods=["POST"]),
@@ -73,4 +74,24 @@ def create_app(settings: Settings | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.router = state
-    return app
+    return RouterApp(app, state)
+
+
+async def _chat_route(request: Request) -> Response:
+    """Only reached for methods RouterApp does not take (Starlette answers 405)."""
+    raise RouterError(405, "Method Not Allowed")
+
+
+class RouterApp:
+    """The ASGI entry point: `POST /v1/chat/completions` goes straight to its
+    handler; everything else (and the lifespan) goes through Starlette."""
+
+    def __init__(self, app: Starlette, state: RouterState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/v1/chat/completions" and scope["method"] == "POST":
+            await chat.chat_completions(self.state, scope, receive, send)
+        else:
+            await self.app(scope, receive, send)

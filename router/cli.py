@@ -66,7 +66,7 @@ def serve(
     uvicorn.run(
         "router.app:create_app", factory=True,
         host=host or s.router_host, port=port or s.router_port, workers=workers,
-        loop="uvloop", http="httptools", access_log=False, log_level=s.log_level.lower(),
+        loop="uvloop", http="httptools", access_log=False, log_level=s.log_level.lower(), proxy_headers=False,
         timeout_graceful_shutdown=30,
     )
 

@@ -40,6 +40,7 @@ class Metrics:
         self.in_flight = Gauge("router_requests_in_flight", "Chat completion requests being served",
                                registry=self.registry, multiprocess_mode="livesum")
         self._models: set[str] = set()
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def model_label(self, model: str) -> str:
         if model in self._models:
@@ -50,8 +51,13 @@ class Metrics:
         return "other"
 
     def observe(self, model: str, provider: str, status: int, started: float) -> None:
-        self.requests.labels(model, provider, str(status)).inc()
-        self.latency.labels(model, provider).observe(time.perf_counter() - started)
+        key = (model, provider, status)
+        children = self._children.get(key)
+        if children is None:  # label lookups are done once per label set, not per request
+            children = self._children[key] = (self.requests.labels(model, provider, str(status)),
+                                              self.latency.labels(model, provider))
+        children[0].inc()
+        children[1].observe(time.perf_counter() - started)
 
     def render(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from urllib.parse import urlsplit
 
 import aiohttp
-from starlette.responses import Response, StreamingResponse
+from yarl import URL
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from router.config import Settings
@@ -22,27 +23,56 @@ _PASS_PREFIX = "x-ratelimit-"
 _DONE_TAIL = 32  # bytes of stream tail kept to see whether `data: [DONE]` arrived
 
 
-class SSEResponse(StreamingResponse):
-    """A text/event-stream response that always closes its source and then runs
-    `on_close` callbacks, whether the stream ended, failed or the client left."""
+class SSEResponse:
+    """A text/event-stream ASGI response relayed chunk by chunk.
 
-    media_type = "text/event-stream"
+    While it streams, one watcher task listens for the client leaving; if it
+    does, the relay is cancelled at once (which closes the upstream), instead
+    of noticing only at the next chunk. The source is always closed and the
+    `on_close` callbacks always run: stream ended, failed, or client gone.
+    """
 
     def __init__(self, content: AsyncIterator[bytes], status_code: int = 200,
                  headers: Mapping[str, str] | None = None) -> None:
-        hdrs = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+        self.body_iterator = content
+        self.status_code = status_code
+        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                            (b"x-accel-buffering", b"no")]
         if headers:
-            hdrs.update(headers)
-        super().__init__(content, status_code, hdrs)
+            self.raw_headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         self.on_close: list[Callable[[], None]] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        state = {"finished": False, "disconnected": False}
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not state["finished"]:
+                        state["disconnected"] = True
+                        task.cancel()
+                    return
+
+        watcher = asyncio.create_task(watch())
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            state["finished"] = True  # no await between the last send and here: a late cancel cannot land
+        except asyncio.CancelledError:
+            if not state["disconnected"]:
+                raise
+            task.uncancel()  # our own cancellation, for a client that left: not an error
         finally:
+            state["finished"] = True
+            watcher.cancel()
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
-                await aclose()  # a client disconnect cancels the upstream read right here
+                await aclose()
             for callback in self.on_close:
                 callback()
 
@@ -82,7 +112,7 @@ class UpstreamClient:
 
     # -- requests --------------------------------------------------------------
 
-    async def open(self, provider: str, url: str, body: bytes,
+    async def open(self, provider: str, url: str | URL, body: bytes,
                    headers: Mapping[str, str]) -> aiohttp.ClientResponse:
         """Send the request and wait for the response head; map transport failures."""
         assert self._session is not None, "UpstreamClient.start() was not awaited"
@@ -91,7 +121,7 @@ class UpstreamClient:
         except BaseException as exc:  # noqa: BLE001 - mapped or re-raised below
             raise self._transport_error(exc, provider, url) from None
 
-    async def read(self, provider: str, url: str, resp: aiohttp.ClientResponse) -> bytes:
+    async def read(self, provider: str, url: str | URL, resp: aiohttp.ClientResponse) -> bytes:
         try:
             return await resp.read()
         except BaseException as exc:  # noqa: BLE001
@@ -100,8 +130,8 @@ class UpstreamClient:
         finally:
             resp.release()
 
-    def _transport_error(self, exc: BaseException, provider: str, url: str) -> BaseException:
-        host = urlsplit(url).netloc
+    def _transport_error(self, exc: BaseException, provider: str, url: str | URL) -> BaseException:
+        host = urlsplit(str(url)).netloc
         if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
             return RouterError(504, f"upstream {provider} at {host} timed out", code="upstream_timeout")
         if isinstance(exc, aiohttp.ClientConnectorError):
@@ -118,7 +148,7 @@ class UpstreamClient:
 
     # -- OpenAI-compatible pass-through ------------------------------------------
 
-    async def forward(self, provider: str, url: str, body: bytes, headers: Mapping[str, str],
+    async def forward(self, provider: str, url: str | URL, body: bytes, headers: Mapping[str, str],
                       stream: bool) -> Response:
         """POST `body` as is and relay the answer: JSON whole, SSE chunk by chunk."""
         resp = await self.open(provider, url, body, headers)
@@ -130,7 +160,7 @@ class UpstreamClient:
         return Response(data, resp.status, pass_headers(resp),
                         media_type=resp.content_type or "application/json")
 
-    async def _relay(self, provider: str, url: str, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    async def _relay(self, provider: str, url: str | URL, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         tail = b""
         complete = False
         try:

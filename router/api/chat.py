@@ -1,38 +1,56 @@
 """`POST /v1/chat/completions`: read the body once (bounded), parse it once
 with orjson, check the few fields routing needs, resolve the provider, answer.
 Nothing here is validated into models or re-serialized: providers get the
-parsed dict and the original bytes."""
+parsed dict and the original bytes.
+
+This is the hot path, so it is a plain ASGI handler (`router.app` dispatches
+to it before Starlette's middleware and routing); every other endpoint is a
+Starlette route."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 import orjson
-from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from router.errors import RouterError
 from router.providers.base import ChatCall
 from router.state import RouterState
 from router.upstream import SSEResponse
 
+log = logging.getLogger("router.chat")
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise RouterError(413, f"Request body is larger than the limit of {limit} bytes.", code="request_too_large")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if value.isdigit() and int(value) > limit:
+                raise RouterError(413, f"Request body is larger than the limit of {limit} bytes.",
+                                  code="request_too_large")
+            break
+    message = await receive()
+    body = message.get("body", b"")
+    if not message.get("more_body", False):
+        if len(body) > limit:
+            raise RouterError(413, f"Request body is larger than the limit of {limit} bytes.",
+                              code="request_too_large")
+        return body
+    chunks = [body]
+    size = len(body)
+    while message.get("more_body", False):
+        message = await receive()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise RouterError(413, f"Request body is larger than the limit of {limit} bytes.",
                               code="request_too_large")
         chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return b"".join(chunks)
 
 
 def parse_chat(body: bytes) -> ChatCall:
@@ -73,32 +91,33 @@ def parse_chat(body: bytes) -> ChatCall:
     return ChatCall(model, payload, body, stream, include_usage)
 
 
-async def chat_completions(request: Request) -> Response:
-    state: RouterState = request.app.state.router
+async def chat_completions(state: RouterState, scope: Scope, receive: Receive, send: Send) -> None:
     metrics = state.metrics
     started = time.perf_counter()
     model, provider_name = "unknown", "none"
     metrics.in_flight.inc()
     try:
-        call = parse_chat(await read_body(request, state.settings.max_body_bytes))
+        call = parse_chat(await read_body(scope, receive, state.settings.max_body_bytes))
         provider = state.routes.resolve(call.model)
         model, provider_name = metrics.model_label(call.model), provider.type
-        response = await provider.chat(call)
+        response: Response | SSEResponse = await provider.chat(call)
     except RouterError as exc:
-        metrics.in_flight.dec()
-        metrics.observe(model, provider_name, exc.status, started)
-        return exc.response()
-    except BaseException:
-        metrics.in_flight.dec()
-        metrics.observe(model, provider_name, 500, started)
-        raise
+        response = exc.response()
+    except Exception:
+        log.exception("unhandled error serving model %s", model)
+        response = RouterError(500, "The server had an error while processing your request.",
+                               code="internal_error").response()
+
     if isinstance(response, SSEResponse):
         def finished() -> None:
             metrics.in_flight.dec()
             metrics.observe(model, provider_name, response.status_code, started)
 
         response.on_close.append(finished)
-    else:
+        await response(scope, receive, send)
+        return
+    try:
+        await response(scope, receive, send)
+    finally:
         metrics.in_flight.dec()
         metrics.observe(model, provider_name, response.status_code, started)
-    return response

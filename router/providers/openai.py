@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from starlette.responses import Response
+from yarl import URL
 
 from router.providers.base import ApiProvider, ChatCall
 
@@ -28,7 +29,7 @@ class OpenAIProvider(ApiProvider):
     def __init__(self, http: UpstreamClient, base_url: str, api_key: SecretStr | None = None,
                  *, key_required: bool = True) -> None:
         super().__init__(http, base_url, api_key, key_required=key_required)
-        self.chat_url = self.base_url + "/v1/chat/completions"
+        self.chat_url = URL(self.base_url + "/v1/chat/completions", encoded=True)  # parsed once
         self._headers: dict[str, str] | None = None
 
     def headers(self) -> dict[str, str]:

@@ -1,0 +1,134 @@
+"""`make bench`: the router against direct-to-upstream, side by side.
+
+Starts the minimal stub upstream (`bench.stub`) and one router worker with
+everything that is on by default, drives keep-alive load at concurrency 1, 16
+and 64, streaming and not, and prints one table: req/s, p50 and p99 direct and
+through the router, and the latency the router adds. Then a soak of
+`--soak` requests checks the router's RSS for growth after warm-up.
+
+    python -m bench.run [--seconds 3] [--soak 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import uvloop
+
+from bench.loadgen import Result, build_request, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def ms(v: float) -> str:
+    return f"{v * 1000:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per cell")
+    parser.add_argument("--max-requests", type=int, default=200_000, help="cap per cell")
+    parser.add_argument("--soak", type=int, default=100_000, help="requests for the RSS check (0: skip)")
+    args = parser.parse_args()
+
+    stub_port, router_port = free_port(), free_port()
+    work = Path(tempfile.mkdtemp(prefix="router-bench-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EXTERNAL_", "OPENAI_", "PROMETHEUS_"))}
+    env.update({"OPENAI_BASE_URL": f"http://127.0.0.1:{stub_port}", "EXTERNAL_OPENAI_KEY": "sk-bench",
+                "SQLITE_DB_PATH": str(work / "models.db"), "LOG_DIR": str(work / "logs"), "LOG_LEVEL": "WARNING"})
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "bench.stub", str(stub_port)], cwd=ROOT, env=env),
+        subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--port", str(router_port), "--workers", "1"],
+                         cwd=work, env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True),
+    ]
+    try:
+        wait_http(f"http://127.0.0.1:{router_port}/health")
+        time.sleep(0.3)
+        uvloop.run(bench(stub_port, router_port, procs[1].pid, args))
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+async def bench(stub_port: int, router_port: int, router_pid: int, args: argparse.Namespace) -> None:
+    host = "127.0.0.1"
+    plain = b'{"model":"gpt-bench","messages":[{"role":"user","content":"Say hello"}],"max_tokens":16}'
+    streamed = plain[:-1] + b',"stream":true}'
+    rows = []
+    print(f"router vs direct, {os.cpu_count()} cores, 1 router worker, {args.seconds:g} s per cell", flush=True)
+    for mode, body in (("non-stream", plain), ("stream", streamed)):
+        for conc in (1, 16, 64):
+            direct = await run(host, stub_port, build_request(host, stub_port, "/v1/chat/completions", body),
+                               conc, args.seconds, args.max_requests)
+            routed = await run(host, router_port, build_request(host, router_port, "/v1/chat/completions", body),
+                               conc, args.seconds, args.max_requests)
+            rows.append((mode, conc, direct, routed))
+            print(f"  {mode} c={conc}: direct {direct.rps:,.0f} req/s, router {routed.rps:,.0f} req/s"
+                  f" ({routed.errors} errors)", flush=True)
+
+    print()
+    print("| mode | conc | direct req/s | direct p50 ms | direct p99 ms | router req/s | router p50 ms "
+          "| router p99 ms | added p50 ms | added TTFB p50 ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for mode, conc, d, r in rows:
+        added = Result.pct(r.latencies, 50) - Result.pct(d.latencies, 50)
+        ttfb = Result.pct(r.ttfb, 50) - Result.pct(d.ttfb, 50) if mode == "stream" else float("nan")
+        print(f"| {mode} | {conc} | {d.rps:,.0f} | {ms(Result.pct(d.latencies, 50))} | "
+              f"{ms(Result.pct(d.latencies, 99))} | {r.rps:,.0f} | {ms(Result.pct(r.latencies, 50))} | "
+              f"{ms(Result.pct(r.latencies, 99))} | {ms(added)} | {'-' if mode != 'stream' else ms(ttfb)} |")
+
+    if args.soak:
+        request = build_request(host, router_port, "/v1/chat/completions", plain)
+        warm = await run(host, router_port, request, 16, 60, 20_000, warmup=0)
+        before = rss_mib(router_pid)
+        soak = await run(host, router_port, request, 16, 120, args.soak, warmup=0)
+        after = rss_mib(router_pid)
+        print()
+        print(f"RSS: {before:.1f} MiB after {len(warm.latencies):,} warm-up requests, {after:.1f} MiB after "
+              f"{len(soak.latencies):,} more ({after - before:+.1f} MiB); soak {soak.rps:,.0f} req/s, "
+              f"{soak.errors} errors")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Minimal OpenAI-compatible upstream for benchmarks: a raw asyncio protocol on
+uvloop, keep-alive, canned answers, so it costs as little CPU as possible.
+
+    python -m bench.stub PORT
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import uvloop
+
+COMPLETION = (b'{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-bench",'
+              b'"choices":[{"index":0,"message":{"role":"assistant","content":"Hello world","refusal":null},'
+              b'"logprobs":null,"finish_reason":"stop"}],'
+              b'"usage":{"prompt_tokens":9,"completion_tokens":2,"total_tokens":11}}')
+JSON_RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                 + str(len(COMPLETION)).encode() + b"\r\n\r\n" + COMPLETION)
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def _event(delta: bytes, finish: bytes = b"null") -> bytes:
+    return (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1700000000,'
+            b'"model":"gpt-bench","choices":[{"index":0,"delta":' + delta + b',"logprobs":null,"finish_reason":'
+            + finish + b"}]}\n\n")
+
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+SSE_EVENTS = [
+    _event(b'{"role":"assistant","content":""}'),
+    _event(b'{"content":"Hello"}'),
+    _event(b'{"content":" world"}'),
+    _event(b"{}", b'"stop"'),
+    b"data: [DONE]\n\n",
+]
+
+
+class StubProtocol(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buf[:end].lower()
+            i = head.find(b"content-length:")
+            length = int(head[i + 15:head.find(b"\r\n", i) if head.find(b"\r\n", i) > 0 else None]) if i >= 0 else 0
+            total = end + 4 + length
+            if len(self.buf) < total:
+                return
+            body = self.buf[end + 4:total]
+            self.buf = self.buf[total:]
+            if b'"stream":true' in body or b'"stream": true' in body:
+                self.transport.write(SSE_HEAD + _chunk(SSE_EVENTS[0]))
+                for event in SSE_EVENTS[1:]:
+                    self.transport.write(_chunk(event))
+                self.transport.write(b"0\r\n\r\n")
+            else:
+                self.transport.write(JSON_RESPONSE)
+
+
+async def main(port: int) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(StubProtocol, "127.0.0.1", port, backlog=4096)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    uvloop.run(main(int(sys.argv[1])))

@@ -77,9 +77,11 @@ def main() -> None:
                          cwd=work, env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True),
     ]
+    pinned = pin(procs[0].pid, procs[1].pid)
     try:
         wait_http(f"http://127.0.0.1:{router_port}/health")
         time.sleep(0.3)
+        args.pinned = pinned
         uvloop.run(bench(stub_port, router_port, procs[1].pid, args))
     finally:
         for p in procs:
@@ -91,12 +93,25 @@ def main() -> None:
                 p.kill()
 
 
+def pin(stub_pid: int, router_pid: int) -> bool:
+    """Router on the last core, stub and load generator on the others, so one run
+    compares with the next instead of depending on where the scheduler put things."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) < 2:
+        return False
+    os.sched_setaffinity(router_pid, {cores[-1]})
+    os.sched_setaffinity(stub_pid, set(cores[:-1]))
+    os.sched_setaffinity(0, set(cores[:-1]))
+    return True
+
+
 async def bench(stub_port: int, router_port: int, router_pid: int, args: argparse.Namespace) -> None:
     host = "127.0.0.1"
     plain = b'{"model":"gpt-bench","messages":[{"role":"user","content":"Say hello"}],"max_tokens":16}'
     streamed = plain[:-1] + b',"stream":true}'
     rows = []
-    print(f"router vs direct, {os.cpu_count()} cores, 1 router worker, {args.seconds:g} s per cell", flush=True)
+    print(f"router vs direct, {os.cpu_count()} cores, 1 router worker, {args.seconds:g} s per cell"
+          f"{', router pinned to its own core' if args.pinned else ''}", flush=True)
     for mode, body in (("non-stream", plain), ("stream", streamed)):
         for conc in (1, 16, 64):
             direct = await run(host, stub_port, build_request(host, stub_port, "/v1/chat/completions", body),

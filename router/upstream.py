@@ -102,6 +102,8 @@ class UpstreamClient:
                                          keepalive_timeout=60)
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=self._timeout, auto_decompress=False,
+            # a proxy must never keep one upstream answer's cookies and replay them for another client
+            cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent",), raise_for_status=False,
         )
 

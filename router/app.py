@@ -78,7 +78,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
 
 async def _chat_route(request: Request) -> Response:
-    """Only reached for methods RouterApp does not take (Starlette answers 405)."""
+    """Never called: RouterApp takes POST first. The route exists so that other
+    methods on this path get Starlette's 405 rather than a 404."""
     raise RouterError(405, "Method Not Allowed")
 
 

@@ -26,19 +26,21 @@ log = logging.getLogger("router.chat")
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
+def _too_large(limit: int) -> RouterError:
+    return RouterError(413, f"Request body is larger than the limit of {limit} bytes.", code="request_too_large")
+
+
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     for name, value in scope["headers"]:
         if name == b"content-length":
             if value.isdigit() and int(value) > limit:
-                raise RouterError(413, f"Request body is larger than the limit of {limit} bytes.",
-                                  code="request_too_large")
+                raise _too_large(limit)
             break
     message = await receive()
     body = message.get("body", b"")
     if not message.get("more_body", False):
         if len(body) > limit:
-            raise RouterError(413, f"Request body is larger than the limit of {limit} bytes.",
-                              code="request_too_large")
+            raise _too_large(limit)
         return body
     chunks = [body]
     size = len(body)
@@ -47,8 +49,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise RouterError(413, f"Request body is larger than the limit of {limit} bytes.",
-                              code="request_too_large")
+            raise _too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -44,14 +44,21 @@ class Settings(BaseSettings):
     openai_base_url: str = "https://api.openai.com"
     external_openai_key: SecretStr | None = None
     llmd_endpoint: str | None = None
+    llmd_api_key: SecretStr | None = None
     anthropic_base_url: str = "https://api.anthropic.com"
     external_anthropic_key: SecretStr | None = None
+    anthropic_version: str = "2023-06-01"
+    anthropic_default_max_tokens: int = Field(4096, ge=1)
     google_base_url: str = "https://generativelanguage.googleapis.com"
     external_google_key: SecretStr | None = None
     openrouter_base_url: str = "https://openrouter.ai/api"
     external_openrouter_key: SecretStr | None = None
+    openrouter_referer: str | None = None  # sent as HTTP-Referer (OpenRouter app attribution)
+    openrouter_title: str | None = None  # sent as X-Title
     grok_base_url: str = "https://api.x.ai"
     external_grok_key: SecretStr | None = None
+    groq_base_url: str = "https://api.groq.com/openai"
+    external_groq_key: SecretStr | None = None
     venice_base_url: str = "https://api.venice.ai/api"
     external_venice_key: SecretStr | None = None
     hf_cache_dir: str = "data/hf_models"
@@ -86,7 +93,8 @@ class Settings(BaseSettings):
     @field_validator(
         "local_agent_url", "llmd_endpoint", "redis_url", "router_agent_token",
         "external_openai_key", "external_anthropic_key", "external_google_key",
-        "external_openrouter_key", "external_grok_key", "external_venice_key",
+        "external_openrouter_key", "external_grok_key", "external_groq_key", "external_venice_key",
+        "llmd_api_key", "openrouter_referer", "openrouter_title",
         "hugging_face_hub_token", mode="before",
     )
     @classmethod

@@ -18,7 +18,7 @@ import orjson
 
 MODEL_TYPES = (
     "local", "openai", "llm-d", "anthropic", "google", "openrouter",
-    "grok", "venice", "huggingface", "dummy",
+    "grok", "groq", "venice", "huggingface", "dummy",
 )
 MODEL_KINDS = ("api", "weight")
 

@@ -121,18 +121,18 @@ class UpstreamClient:
         try:
             return await self._session.post(url, data=body, headers=headers)
         except BaseException as exc:  # noqa: BLE001 - mapped or re-raised below
-            raise self._transport_error(exc, provider, url) from None
+            raise self.transport_error(exc, provider, url) from None
 
     async def read(self, provider: str, url: str | URL, resp: aiohttp.ClientResponse) -> bytes:
         try:
             return await resp.read()
         except BaseException as exc:  # noqa: BLE001
             resp.close()
-            raise self._transport_error(exc, provider, url) from None
+            raise self.transport_error(exc, provider, url) from None
         finally:
             resp.release()
 
-    def _transport_error(self, exc: BaseException, provider: str, url: str | URL) -> BaseException:
+    def transport_error(self, exc: BaseException, provider: str, url: str | URL) -> BaseException:
         host = urlsplit(str(url)).netloc
         if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
             return RouterError(504, f"upstream {provider} at {host} timed out", code="upstream_timeout")
@@ -176,7 +176,7 @@ class UpstreamClient:
                                   code="upstream_stream_truncated")
                 yield sse_error_tail(tail) + err.sse_event()
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
-            err = self._transport_error(exc, provider, url)
+            err = self.transport_error(exc, provider, url)
             assert isinstance(err, RouterError)
             yield sse_error_tail(tail) + err.sse_event()
         finally:

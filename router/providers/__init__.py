@@ -4,22 +4,30 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from router.providers.base import ApiProvider, Provider, UnimplementedProvider, WeightProvider, same_origin
+from router.providers.anthropic import AnthropicProvider
+from router.providers.base import ApiProvider, Provider, UnimplementedProvider, WeightProvider
+from router.providers.google import GoogleProvider
+from router.providers.grok import GrokProvider, GroqProvider
+from router.providers.llmd import LlmdProvider
 from router.providers.openai import OpenAIProvider
+from router.providers.openrouter import OpenRouterProvider
+from router.providers.venice import VeniceProvider
 
 if TYPE_CHECKING:
     from router.config import Settings
     from router.upstream import UpstreamClient
 
-__all__ = ["ApiProvider", "Provider", "WeightProvider", "build_provider"]
+__all__ = ["ApiProvider", "Provider", "WeightProvider", "build_provider", "API_PROVIDERS"]
+
+API_PROVIDERS: dict[str, type[ApiProvider]] = {
+    cls.type: cls for cls in (OpenAIProvider, AnthropicProvider, GoogleProvider, OpenRouterProvider,
+                              GrokProvider, GroqProvider, VeniceProvider, LlmdProvider)
+}
 
 
 def build_provider(type_: str, http: UpstreamClient, endpoint: str | None, settings: Settings) -> Provider:
     """A provider of `type_` for `endpoint` (None: the type's configured default)."""
-    if type_ == "openai":
-        default = settings.openai_base_url
-        base = endpoint or default
-        official = same_origin(base, default)
-        return OpenAIProvider(http, base, settings.external_openai_key if official else None,
-                              key_required=official)
-    return UnimplementedProvider(type_)
+    cls = API_PROVIDERS.get(type_)
+    if cls is None:
+        return UnimplementedProvider(type_)
+    return cls.from_settings(http, endpoint, settings)

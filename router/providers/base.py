@@ -20,6 +20,7 @@ from router.errors import RouterError
 if TYPE_CHECKING:
     from pydantic import SecretStr
 
+    from router.config import Settings
     from router.upstream import UpstreamClient
 
 
@@ -48,18 +49,37 @@ class Provider(ABC):
 
 
 class ApiProvider(Provider):
-    """A provider reached over HTTP through the router's shared connection pool."""
+    """A provider reached over HTTP through the router's shared connection pool.
 
-    #: environment variables holding this provider's base URL and key, for error messages
+    Subclasses name the settings that hold their default base URL and key;
+    `from_settings` builds one for the default endpoint or a registry endpoint.
+    The key is sent only to the origin of the configured base URL: a registry
+    entry on another host gets no key, so a provider key never leaks elsewhere.
+    """
+
+    #: environment variables of the default base URL and the key
     url_var: ClassVar[str]
     key_var: ClassVar[str | None] = None
+    #: whether a request to the configured endpoint needs the key
+    needs_key: ClassVar[bool] = True
 
     def __init__(self, http: UpstreamClient, base_url: str, api_key: SecretStr | None = None,
-                 *, key_required: bool = True) -> None:
+                 *, key_required: bool = True, settings: Settings | None = None) -> None:
         self.http = http
         self.base_url = normalize_base_url(base_url)
         self.api_key = api_key
         self.key_required = key_required and self.key_var is not None
+        self.settings = settings
+
+    @classmethod
+    def from_settings(cls, http: UpstreamClient, endpoint: str | None, settings: Settings) -> Provider:
+        default = getattr(settings, cls.url_var.lower())
+        base = endpoint or default
+        if not base:
+            return MisconfiguredProvider(cls.type, f"set {cls.url_var}")
+        official = bool(default) and same_origin(base, default)
+        key = getattr(settings, cls.key_var.lower()) if cls.key_var and official else None
+        return cls(http, base, key, key_required=official and cls.needs_key, settings=settings)
 
     def require_key(self) -> str | None:
         if self.api_key is None:
@@ -73,6 +93,18 @@ class ApiProvider(Provider):
 
 class WeightProvider(Provider):
     """A provider that loads model weights and runs inference inside the router."""
+
+
+class MisconfiguredProvider(Provider):
+    """Stands for a provider whose endpoint is not configured; names what to set."""
+
+    def __init__(self, type: str, remedy: str) -> None:
+        self.type = type  # type: ignore[misc]
+        self.remedy = remedy
+
+    async def chat(self, call: ChatCall) -> Response:
+        raise RouterError(500, f"provider '{self.type}' is not configured: {self.remedy}",
+                          code="provider_not_configured")
 
 
 class UnimplementedProvider(Provider):

@@ -1,45 +1,49 @@
 """OpenAI and any OpenAI-compatible endpoint: the body passes through untouched,
 SSE is relayed chunk by chunk, connections come from the shared keep-alive pool.
 
-The key (`EXTERNAL_OPENAI_KEY`) is sent only to the origin of `OPENAI_BASE_URL`;
-a registry entry pointing elsewhere (a vLLM server, say) gets no key, so the
-OpenAI key never leaks to a third party.
+`OpenAICompatibleProvider` is the pass-through the whole OpenAI-compatible
+family shares (OpenRouter, Grok, Groq, Venice, llm-d, and registry entries of
+type `openai` on any host). Because bytes are relayed, every provider-specific
+extra field in a response (OpenRouter's `provider`, Groq's `x_groq`, extra
+`usage` keys, ...) reaches the client unchanged; the SDKs ignore what they
+don't know.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 from starlette.responses import Response
 from yarl import URL
 
 from router.providers.base import ApiProvider, ChatCall
 
-if TYPE_CHECKING:
-    from pydantic import SecretStr
 
-    from router.upstream import UpstreamClient
+class OpenAICompatibleProvider(ApiProvider):
+    """Forwards the client's exact bytes to `{base}/v1/chat/completions`."""
 
+    def chat_url(self) -> str:
+        return self.base_url + "/v1/chat/completions"
 
-class OpenAIProvider(ApiProvider):
-    type = "openai"
-    url_var = "OPENAI_BASE_URL"
-    key_var = "EXTERNAL_OPENAI_KEY"
-
-    def __init__(self, http: UpstreamClient, base_url: str, api_key: SecretStr | None = None,
-                 *, key_required: bool = True) -> None:
-        super().__init__(http, base_url, api_key, key_required=key_required)
-        self.chat_url = URL(self.base_url + "/v1/chat/completions", encoded=True)  # parsed once
-        self._headers: dict[str, str] | None = None
+    def extra_headers(self) -> dict[str, str]:
+        return {}
 
     def headers(self) -> dict[str, str]:
-        if self._headers is None:  # built once: the hot path only looks it up
-            headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+        headers = getattr(self, "_headers", None)
+        if headers is None:  # built once: the hot path only looks it up
+            headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", **self.extra_headers()}
             key = self.require_key()
             if key:
                 headers["Authorization"] = f"Bearer {key}"
             self._headers = headers
-        return self._headers
+        return headers
 
     async def chat(self, call: ChatCall) -> Response:
-        return await self.http.forward(self.type, self.chat_url, call.body, self.headers(), call.stream)
+        url = getattr(self, "_url", None)
+        if url is None:
+            url = self._url = URL(self.chat_url(), encoded=True)  # parsed once
+        return await self.http.forward(self.type, url, call.body, self.headers(), call.stream)
+
+
+class OpenAIProvider(OpenAICompatibleProvider):
+    type = "openai"
+    url_var = "OPENAI_BASE_URL"
+    key_var = "EXTERNAL_OPENAI_KEY"

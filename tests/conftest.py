@@ -50,3 +50,37 @@ def start_router(tmp_path: Path) -> Iterator[Callable[..., RouterProcess]]:
     yield start
     for proc in started:
         proc.stop()
+
+
+ANTHROPIC_KEY = "sk-ant-test-0123456789abcdef"
+GOOGLE_KEY = "AIzaTest0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def anthropic_upstream() -> Iterator["AnthropicStub"]:
+    from tests.support.anthropic_stub import AnthropicStub
+
+    stub = AnthropicStub(ANTHROPIC_KEY).start()
+    yield stub
+    stub.stop()
+
+
+@pytest.fixture(scope="session")
+def gemini_upstream() -> Iterator["GeminiStub"]:
+    from tests.support.gemini_stub import GeminiStub
+
+    stub = GeminiStub(GOOGLE_KEY).start()
+    yield stub
+    stub.stop()
+
+
+@pytest.fixture(scope="session")
+def hosted(tmp_path_factory: pytest.TempPathFactory, anthropic_upstream, gemini_upstream) -> Iterator[RouterProcess]:
+    """A router whose Anthropic and Google upstreams are the stubs."""
+    proc = RouterProcess(tmp_path_factory.mktemp("hosted"), {
+        "ANTHROPIC_BASE_URL": anthropic_upstream.url, "EXTERNAL_ANTHROPIC_KEY": ANTHROPIC_KEY,
+        "GOOGLE_BASE_URL": gemini_upstream.url, "EXTERNAL_GOOGLE_KEY": GOOGLE_KEY,
+        "ANTHROPIC_DEFAULT_MAX_TOKENS": "1234",
+    }).start()
+    yield proc
+    proc.stop()

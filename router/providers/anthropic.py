@@ -94,6 +94,7 @@ class AnthropicProvider(TranslatingProvider):
     async def translate_stream(self, events: AsyncIterator[ServerSentEvent], call: ChatCall,
                                out: ChunkWriter) -> AsyncIterator[bytes]:
         tool_index: dict[int, int] = {}  # Anthropic content-block index -> OpenAI tool-call index
+        no_args: set[int] = set()  # tool calls whose arguments have not started yet
         usage: JSON = {}
         finished = False
         async for event in events:
@@ -106,11 +107,12 @@ class AnthropicProvider(TranslatingProvider):
                 usage = dict(message.get("usage") or {})
                 out.base["id"] = "chatcmpl-" + message["id"]
                 out.base["model"] = message.get("model") or call.model
-                yield out.delta({"role": "assistant", "content": ""})
+                yield out.delta({"role": "assistant"})
             elif kind == "content_block_start":
                 block = data["content_block"]
                 if block["type"] == "tool_use":
                     index = tool_index[data["index"]] = len(tool_index)
+                    no_args.add(index)
                     yield out.delta({"tool_calls": [{"index": index, "id": block["id"], "type": "function",
                                                      "function": {"name": block["name"], "arguments": ""}}]})
                 elif block["type"] == "text" and block.get("text"):
@@ -122,8 +124,14 @@ class AnthropicProvider(TranslatingProvider):
                 elif delta["type"] == "input_json_delta" and delta.get("partial_json"):
                     index = tool_index.get(data["index"])
                     if index is not None:
+                        no_args.discard(index)
                         yield out.delta({"tool_calls": [{"index": index,
                                                          "function": {"arguments": delta["partial_json"]}}]})
+            elif kind == "content_block_stop":
+                index = tool_index.get(data["index"], -1)
+                if index in no_args:  # a call without input: "{}", as the non-streaming answer has
+                    no_args.discard(index)
+                    yield out.delta({"tool_calls": [{"index": index, "function": {"arguments": "{}"}}]})
             elif kind == "message_delta":
                 # output_tokens here is cumulative: it replaces, never adds
                 usage.update({k: v for k, v in (data.get("usage") or {}).items() if v is not None})
@@ -141,7 +149,7 @@ class AnthropicProvider(TranslatingProvider):
                 etype = err.get("type", "api_error")
                 raise RouterError(ERROR_STATUS.get(etype, 502), self.http.scrub(str(err.get("message") or etype)),
                                   type=etype, code=etype)
-            # ping, content_block_stop, thinking and signature deltas: nothing to send
+            # ping, thinking and signature deltas: nothing to send
         raise RouterError(502, "upstream anthropic closed the stream before message_stop",
                           code="upstream_stream_truncated")
 
@@ -312,8 +320,7 @@ def from_anthropic(data: JSON, model: str) -> bytes:
             texts.append(block.get("text") or "")
         elif block.get("type") == "tool_use":
             calls.append(tool_call(block["id"], block["name"], block.get("input")))
-    text = "".join(texts)
-    content = text if text or not calls else None
+    content = "".join(texts) or None  # no text at all is null, as in the stream (tool-only turns)
     finish = STOP_REASONS.get(data.get("stop_reason"), "stop")
     return completion("chatcmpl-" + data["id"], data.get("model") or model,
                       [choice(0, content, calls, finish)], usage_of(data.get("usage") or {}))

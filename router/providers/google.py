@@ -90,13 +90,12 @@ class GoogleProvider(TranslatingProvider):
             texts, calls = candidate_parts(candidate)
             index = candidate.get("index", position)
             if not texts and not calls:  # no content: blocked or emptied by a filter
-                choices.append(choice(index, "", [], "content_filter"))
+                choices.append(choice(index, None, [], "content_filter"))
                 continue
-            text = "".join(texts)
-            choices.append(choice(index, text if text or not calls else None, calls,
+            choices.append(choice(index, "".join(texts) or None, calls,
                                   finish_reason(candidate.get("finishReason"), bool(calls))))
         if not choices:  # the prompt itself was blocked (promptFeedback.blockReason)
-            choices.append(choice(0, "", [], "content_filter"))
+            choices.append(choice(0, None, [], "content_filter"))
         cid = "chatcmpl-" + data["responseId"] if data.get("responseId") else new_id()
         return completion(cid, data.get("modelVersion") or call.model, choices,
                           usage_of(data.get("usageMetadata") or {}))
@@ -133,14 +132,14 @@ class GoogleProvider(TranslatingProvider):
             usage = data.get("usageMetadata") or usage  # cumulative: the last one holds the totals
             candidates = data.get("candidates") or []
             if not candidates and (data.get("promptFeedback") or {}).get("blockReason"):
-                yield out.delta({"role": "assistant", "content": ""})
+                yield out.delta({"role": "assistant"})
                 yield out.delta({}, "content_filter")
                 finished.add(0)
             for position, candidate in enumerate(candidates):
                 index = candidate.get("index", position)
                 if index not in started:
                     started.add(index)
-                    yield out.delta({"role": "assistant", "content": ""}, index=index)
+                    yield out.delta({"role": "assistant"}, index=index)
                 texts, calls = candidate_parts(candidate)
                 text = "".join(texts)
                 if text or calls:

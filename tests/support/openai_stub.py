@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -36,82 +35,45 @@ from openai.types.completion_usage import CompletionUsage
 from openai.types.model import Model
 
 from tests.support.schema import errors as spec_errors
+from tests.support.server import Received, ThreadedServer  # noqa: F401 - Received re-exported
 from tests.support.schema import validator
 
 
-@dataclass
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    peer: tuple[str, int]
+class OpenAIStub(ThreadedServer):
+    def __init__(self, name: str = "stub", key: str | None = None, model_ids: list[str] | None = None,
+                 slow_seconds: float = 3.0, extra_fields: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.name = name
+        self.key = key
+        self.model_ids = model_ids if model_ids is not None else ["gpt-4o", "gpt-4o-mini"]
+        self.slow_seconds = slow_seconds
+        self.extra_fields = extra_fields or {}  # provider-specific fields added to every answer
+        self.gate = threading.Event()
+        self.client_gone = threading.Event()
+        self.chunks_sent = 0
 
-    def json(self) -> Any:
-        return orjson.loads(self.body)
-
-
-@dataclass
-class OpenAIStub:
-    name: str = "stub"
-    key: str | None = None
-    model_ids: list[str] = field(default_factory=lambda: ["gpt-4o", "gpt-4o-mini"])
-    slow_seconds: float = 3.0
-    requests: list[Received] = field(default_factory=list)
-    spec_violations: list[str] = field(default_factory=list)
-    gate: threading.Event = field(default_factory=threading.Event)
-    client_gone: threading.Event = field(default_factory=threading.Event)
-    chunks_sent: int = 0
-    port: int = 0
-
-    # -- lifecycle -----------------------------------------------------------------
+    @property
+    def spec_violations(self) -> list[str]:
+        return self.violations
 
     def start(self) -> OpenAIStub:
         validator("CreateChatCompletionRequest")  # load the spec now, not inside the first timed request
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, args=(ready,), daemon=True, name=f"stub-{self.name}")
-        self._thread.start()
-        assert ready.wait(10), "stub did not start"
-        return self
+        return super().start()
 
-    def _serve(self, ready: threading.Event) -> None:
-        self.loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self.loop)
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/openai/v1/chat/completions", self._chat)  # Groq's layout
+        app.router.add_post("/api/v1/chat/completions", self._chat)  # OpenRouter's and Venice's layout
         app.router.add_get("/v1/models", self._models)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
-        self.loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        self.loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        ready.set()
-        self.loop.run_forever()
-        self.loop.run_until_complete(self._runner.cleanup())
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        app.router.add_get("/api/v1/models", self._models)
 
     def reset(self) -> None:
-        self.requests.clear()
-        self.spec_violations.clear()
+        super().reset()
         self.gate.clear()
         self.client_gone.clear()
         self.chunks_sent = 0
 
-    def last(self) -> Received:
-        assert self.requests, f"stub {self.name} received no request"
-        return self.requests[-1]
-
     # -- handlers --------------------------------------------------------------------
-
-    def _record(self, request: web.Request, body: bytes) -> None:
-        peer = request.transport.get_extra_info("peername") if request.transport else ("?", 0)
-        self.requests.append(Received(request.path, dict(request.headers), body, tuple(peer[:2])))
 
     def _unauthorized(self, request: web.Request) -> web.Response | None:
         if self.key is None:
@@ -125,7 +87,7 @@ class OpenAIStub:
             status=401)
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
-        self._record(request, b"")
+        self.record(request, b"")
         denied = self._unauthorized(request)
         if denied is not None:
             return denied
@@ -135,7 +97,7 @@ class OpenAIStub:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        self._record(request, body)
+        self.record(request, body)
         payload = orjson.loads(body)
         found = spec_errors("CreateChatCompletionRequest", payload)
         if found:
@@ -158,8 +120,9 @@ class OpenAIStub:
             await asyncio.sleep(self.slow_seconds)
         if payload.get("stream"):
             return await self._stream(request, payload)
-        return web.Response(body=self.completion(payload).model_dump_json(exclude_unset=True),
-                            content_type="application/json", headers={"x-request-id": "req_stub"})
+        body = {**self.completion(payload).model_dump(mode="json", exclude_unset=True), **self.extra_fields}
+        return web.Response(body=orjson.dumps(body), content_type="application/json",
+                            headers={"x-request-id": "req_stub"})
 
     # -- canned answers from the SDK's types --------------------------------------------
 
@@ -210,7 +173,8 @@ class OpenAIStub:
         model = payload["model"]
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        events = [b"data: " + c.model_dump_json(exclude_unset=True).encode() + b"\n\n" for c in self.chunks(payload)]
+        events = [b"data: " + orjson.dumps({**c.model_dump(mode="json", exclude_unset=True), **self.extra_fields})
+                  + b"\n\n" for c in self.chunks(payload)]
         if model == "gpt-drip":
             events = events[:1] + [events[1]] * 200 + events[-1:]
         try:

@@ -11,9 +11,12 @@ import os
 import sys
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
-from typing import NoReturn, Optional
+from typing import Any, NoReturn, Optional
 
 import orjson
 import typer
@@ -133,31 +136,110 @@ def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
 
 
-@app.command("refresh-openai")
-def refresh_openai() -> None:
-    """Upsert the models listed by {OPENAI_BASE_URL}/v1/models as type openai."""
-    s = settings()
-    if s.external_openai_key is None:
-        fail("EXTERNAL_OPENAI_KEY is not set")
-    base = s.openai_base_url
-    try:
-        validate_url(base, "OPENAI_BASE_URL")
-    except RegistryError as exc:
-        fail(str(exc))
+@dataclass(frozen=True)
+class Listing:
+    """How a provider lists its models: where, with which auth, and how to read a page."""
+
+    type: str
+    url_var: str
+    key_var: str
+    path: str
+    auth: Callable[[str, Settings], dict[str, str]]
+    page: Callable[[dict[str, Any]], tuple[list[str], dict[str, str] | None]]  # ids, next page's query
+    key_required: bool = True
+
+
+def _openai_page(data: dict[str, Any]) -> tuple[list[str], dict[str, str] | None]:
+    return [m["id"] for m in data["data"]], None
+
+
+def _anthropic_page(data: dict[str, Any]) -> tuple[list[str], dict[str, str] | None]:
+    ids = [m["id"] for m in data["data"]]
+    return ids, ({"limit": "1000", "after_id": data["last_id"]} if data.get("has_more") else None)
+
+
+def _google_page(data: dict[str, Any]) -> tuple[list[str], dict[str, str] | None]:
+    ids = [m["name"].removeprefix("models/") for m in data.get("models", [])
+           if "generateContent" in m.get("supportedGenerationMethods", [])]
+    token = data.get("nextPageToken")
+    return ids, ({"pageSize": "1000", "pageToken": token} if token else None)
+
+
+LISTINGS = {
+    "openai": Listing("openai", "OPENAI_BASE_URL", "EXTERNAL_OPENAI_KEY", "/v1/models",
+                      lambda key, s: {"Authorization": f"Bearer {key}"}, _openai_page),
+    "anthropic": Listing("anthropic", "ANTHROPIC_BASE_URL", "EXTERNAL_ANTHROPIC_KEY", "/v1/models?limit=1000",
+                         lambda key, s: {"x-api-key": key, "anthropic-version": s.anthropic_version},
+                         _anthropic_page),
+    "google": Listing("google", "GOOGLE_BASE_URL", "EXTERNAL_GOOGLE_KEY", "/v1beta/models?pageSize=1000",
+                      lambda key, s: {"x-goog-api-key": key}, _google_page),
+    "openrouter": Listing("openrouter", "OPENROUTER_BASE_URL", "EXTERNAL_OPENROUTER_KEY", "/v1/models",
+                          lambda key, s: {"Authorization": f"Bearer {key}"} if key else {}, _openai_page,
+                          key_required=False),
+}
+
+
+def refresh(listing: Listing) -> None:
+    """Upsert every model the provider lists as type `listing.type`, kind api: all or nothing."""
     from router.providers.base import normalize_base_url
 
-    key = s.external_openai_key.get_secret_value()
-    names = fetch_model_ids(normalize_base_url(base) + "/v1/models", {"Authorization": f"Bearer {key}"},
-                            Scrubber([key]))
+    s = settings()
+    secret = getattr(s, listing.key_var.lower())
+    if secret is None and listing.key_required:
+        fail(f"{listing.key_var} is not set")
+    base = getattr(s, listing.url_var.lower())
+    try:
+        validate_url(base, listing.url_var)
+    except RegistryError as exc:
+        fail(str(exc))
+    key = secret.get_secret_value() if secret is not None else ""
+    scrub = Scrubber([key])
+    url = normalize_base_url(base) + listing.path
+    names: list[str] = []
+    for _ in range(100):  # pages, bounded
+        try:
+            ids, next_query = listing.page(fetch_json(url, listing.auth(key, s), scrub))
+            if not all(isinstance(i, str) and i for i in ids):
+                raise TypeError("model ids must be non-empty strings")
+        except (KeyError, TypeError, AttributeError) as exc:
+            fail(f"{url} did not answer a model list: {exc.__class__.__name__} {exc}")
+        names += ids
+        if next_query is None:
+            break
+        url = normalize_base_url(base) + listing.path.split("?", 1)[0] + "?" + urllib.parse.urlencode(next_query)
     conn = store(s).connect()
     try:
-        changes = store(s).sync_models(conn, "openai", base, "api", names)
+        changes = store(s).sync_models(conn, listing.type, base, "api", names)
     finally:
         conn.close()
     report(changes)
 
 
-def fetch_model_ids(url: str, headers: dict[str, str], scrub: Scrubber, timeout: float = 15.0) -> list[str]:
+@app.command("refresh-openai")
+def refresh_openai() -> None:
+    """Upsert the models listed by {OPENAI_BASE_URL}/v1/models as type openai."""
+    refresh(LISTINGS["openai"])
+
+
+@app.command("refresh-anthropic")
+def refresh_anthropic() -> None:
+    """Upsert the models listed by {ANTHROPIC_BASE_URL}/v1/models as type anthropic."""
+    refresh(LISTINGS["anthropic"])
+
+
+@app.command("refresh-google")
+def refresh_google() -> None:
+    """Upsert the Gemini models that support generateContent as type google."""
+    refresh(LISTINGS["google"])
+
+
+@app.command("refresh-openrouter")
+def refresh_openrouter() -> None:
+    """Upsert the models listed by {OPENROUTER_BASE_URL}/v1/models as type openrouter."""
+    refresh(LISTINGS["openrouter"])
+
+
+def fetch_json(url: str, headers: dict[str, str], scrub: Scrubber, timeout: float = 15.0) -> Any:
     request = urllib.request.Request(url, headers={"Accept": "application/json", **headers})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
@@ -169,13 +251,9 @@ def fetch_model_ids(url: str, headers: dict[str, str], scrub: Scrubber, timeout:
         reason = getattr(exc, "reason", exc)
         fail(f"could not reach {url}: {scrub(str(reason))}")
     try:
-        data = orjson.loads(body)
-        ids = [m["id"] for m in data["data"]]
-        if not all(isinstance(i, str) and i for i in ids):
-            raise TypeError("model ids must be strings")
-    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-        fail(f"{url} did not answer an OpenAI model list: {exc}")
-    return ids
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        fail(f"{url} did not answer JSON: {exc}")
 
 
 def report(changes: dict[str, list[str]]) -> None:

@@ -128,3 +128,41 @@ def test_running_router_sees_cli_changes_without_restart(start_router, openai_st
         assert wait_for(lambda: "hot-model" not in {m.id for m in client.models.list().data}, 5)
     finally:
         vllm.stop()
+
+
+def test_refresh_anthropic_google_openrouter(tmp_path: Path) -> None:
+    from tests.conftest import ANTHROPIC_KEY, GOOGLE_KEY
+    from tests.support.anthropic_stub import AnthropicStub
+    from tests.support.gemini_stub import GeminiStub
+
+    anthropic = AnthropicStub(ANTHROPIC_KEY, ["claude-a", "claude-b", "claude-c"]).start()
+    gemini = GeminiStub(GOOGLE_KEY, ["gemini-a", "text-embedding-x", "gemini-b"]).start()
+    openrouter = OpenAIStub(name="or", model_ids=["anthropic/claude-x", "openai/gpt-y"]).start()
+    try:
+        env = {"ANTHROPIC_BASE_URL": anthropic.url, "EXTERNAL_ANTHROPIC_KEY": ANTHROPIC_KEY,
+               "GOOGLE_BASE_URL": gemini.url, "EXTERNAL_GOOGLE_KEY": GOOGLE_KEY,
+               "OPENROUTER_BASE_URL": openrouter.url + "/api"}
+        r = run_cli(tmp_path, "refresh-anthropic", env=env)
+        assert r.returncode == 0, r.stderr
+        assert "3 added" in r.stdout  # across two pages
+        assert anthropic.requests[-1].query.get("after_id") == "claude-b"
+        r = run_cli(tmp_path, "refresh-google", env=env)
+        assert r.returncode == 0, r.stderr
+        assert "added gemini-a" in r.stdout and "added gemini-b" in r.stdout
+        assert "text-embedding-x" not in r.stdout  # cannot generateContent
+        assert all(req.headers.get("x-goog-api-key") == GOOGLE_KEY and "key" not in req.query
+                   for req in gemini.requests)
+        r = run_cli(tmp_path, "refresh-openrouter", env=env)  # OpenRouter lists models without a key
+        assert r.returncode == 0, r.stderr
+        listing = run_cli(tmp_path, "list-models").stdout
+        for name, type_ in (("claude-c", "anthropic"), ("gemini-b", "google"), ("openai/gpt-y", "openrouter")):
+            assert name in listing and type_ in listing
+        # all or nothing: a failing provider changes nothing
+        before = db_digest(tmp_path)
+        bad = {**env, "EXTERNAL_GOOGLE_KEY": "AIzaWrongKey000000000"}
+        r = run_cli(tmp_path, "refresh-google", env=bad)
+        assert r.returncode != 0 and "AIzaWrongKey000000000" not in r.stderr
+        assert db_digest(tmp_path) == before
+    finally:
+        for stub in (anthropic, gemini, openrouter):
+            stub.stop()

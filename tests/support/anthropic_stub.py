@@ -118,9 +118,12 @@ class AnthropicStub(ThreadedServer):
         self.record(request, b"")
         if not self._authorized(request):
             return self._error(401, "authentication_error", f"invalid x-api-key {request.headers.get('x-api-key')}")
-        data = [{"type": "model", "id": m, "display_name": m, "created_at": "2026-01-01T00:00:00Z"}
-                for m in self.model_ids]
-        return web.json_response({"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+        ids = self.model_ids
+        if "after_id" in request.query:  # pages of two, as a long list would come
+            ids = ids[ids.index(request.query["after_id"]) + 1:]
+        page, more = ids[:2], len(ids) > 2
+        data = [{"type": "model", "id": m, "display_name": m, "created_at": "2026-01-01T00:00:00Z"} for m in page]
+        return web.json_response({"data": data, "has_more": more, "first_id": data[0]["id"] if data else None,
                                   "last_id": data[-1]["id"] if data else None})
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:

@@ -124,10 +124,14 @@ class GeminiStub(ThreadedServer):
         self.record(request, b"")
         if request.headers.get("x-goog-api-key") != self.key:
             return self._error(403, "PERMISSION_DENIED", "API key not valid.")
+        start = int(request.query.get("pageToken", "0"))  # pages of two
         models = [{"name": f"models/{m}", "supportedGenerationMethods":
                    ["embedContent"] if "embedding" in m else ["generateContent", "countTokens"]}
-                  for m in self.model_ids]
-        return web.json_response({"models": models})
+                  for m in self.model_ids[start:start + 2]]
+        body: dict[str, Any] = {"models": models}
+        if start + 2 < len(self.model_ids):
+            body["nextPageToken"] = str(start + 2)
+        return web.json_response(body)
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()

@@ -10,13 +10,14 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 
 @dataclass
 class Received:
     path: str
     query: dict[str, str]
-    headers: dict[str, str]
+    headers: CIMultiDict[str]  # case-insensitive, as HTTP headers are
     body: bytes
     peer: tuple[str, int]
 
@@ -66,7 +67,7 @@ class ThreadedServer:
 
     def record(self, request: web.Request, body: bytes) -> Received:
         peer = request.transport.get_extra_info("peername") if request.transport else ("?", 0)
-        received = Received(request.path, dict(request.query), dict(request.headers), body, tuple(peer[:2]))
+        received = Received(request.path, dict(request.query), CIMultiDict(request.headers), body, tuple(peer[:2]))
         self.requests.append(received)
         return received
 

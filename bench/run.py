@@ -70,6 +70,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="router-bench-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EXTERNAL_", "OPENAI_", "PROMETHEUS_"))}
     env.update({"OPENAI_BASE_URL": f"http://127.0.0.1:{stub_port}", "EXTERNAL_OPENAI_KEY": "sk-bench",
+                "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{stub_port}", "EXTERNAL_ANTHROPIC_KEY": "sk-ant-bench",
                 "SQLITE_DB_PATH": str(work / "models.db"), "LOG_DIR": str(work / "logs"), "LOG_LEVEL": "WARNING"})
     procs = [
         subprocess.Popen([sys.executable, "-m", "bench.stub", str(stub_port)], cwd=ROOT, env=env),
@@ -132,6 +133,29 @@ async def bench(stub_port: int, router_port: int, router_pid: int, args: argpars
         print(f"| {mode} | {conc} | {d.rps:,.0f} | {ms(Result.pct(d.latencies, 50))} | "
               f"{ms(Result.pct(d.latencies, 99))} | {r.rps:,.0f} | {ms(Result.pct(r.latencies, 50))} | "
               f"{ms(Result.pct(r.latencies, 99))} | {ms(added)} | {'-' if mode != 'stream' else ms(ttfb)} |")
+
+    print()
+    print("Translation (Anthropic) against pass-through (OpenAI), both through the router:")
+    print()
+    print("| mode | conc | pass-through req/s | pass-through p50 ms | translated req/s | translated p50 ms "
+          "| added p50 ms | added TTFB p50 ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    claude = plain.replace(b'"gpt-bench"', b'"claude-bench"')
+    for mode, gpt_body, claude_body in (("non-stream", plain, claude),
+                                        ("stream", streamed, streamed.replace(b'"gpt-bench"', b'"claude-bench"'))):
+        for conc in (1, 16):
+            passed = await run(host, router_port, build_request(host, router_port, "/v1/chat/completions", gpt_body),
+                               conc, args.seconds, args.max_requests)
+            translated = await run(host, router_port,
+                                   build_request(host, router_port, "/v1/chat/completions", claude_body),
+                                   conc, args.seconds, args.max_requests)
+            added = Result.pct(translated.latencies, 50) - Result.pct(passed.latencies, 50)
+            ttfb = Result.pct(translated.ttfb, 50) - Result.pct(passed.ttfb, 50)
+            print(f"| {mode} | {conc} | {passed.rps:,.0f} | {ms(Result.pct(passed.latencies, 50))} | "
+                  f"{translated.rps:,.0f} | {ms(Result.pct(translated.latencies, 50))} | {ms(added)} | "
+                  f"{ms(ttfb) if mode == 'stream' else '-'} |", flush=True)
+            if translated.errors:
+                print(f"  ({translated.errors} translated requests failed)")
 
     if args.soak:
         request = build_request(host, router_port, "/v1/chat/completions", plain)

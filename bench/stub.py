@@ -1,4 +1,5 @@
-"""Minimal OpenAI-compatible upstream for benchmarks: a raw asyncio protocol on
+"""Minimal upstream for benchmarks, speaking OpenAI's chat completions and
+Anthropic's messages (`POST /v1/messages`): a raw asyncio protocol on
 uvloop, keep-alive, canned answers, so it costs as little CPU as possible.
 
     python -m bench.stub PORT
@@ -29,6 +30,27 @@ def _event(delta: bytes, finish: bytes = b"null") -> bytes:
             + finish + b"}]}\n\n")
 
 
+ANTHROPIC = (b'{"id":"msg_bench","type":"message","role":"assistant","model":"claude-bench",'
+             b'"content":[{"type":"text","text":"Hello world"}],"stop_reason":"end_turn","stop_sequence":null,'
+             b'"usage":{"input_tokens":9,"output_tokens":2}}')
+ANTHROPIC_RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                      + str(len(ANTHROPIC)).encode() + b"\r\n\r\n" + ANTHROPIC)
+ANTHROPIC_EVENTS = [
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_bench","type":"message",'
+    b'"role":"assistant","model":"claude-bench","content":[],"stop_reason":null,"stop_sequence":null,'
+    b'"usage":{"input_tokens":9,"output_tokens":1}}}\n\n',
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+    b'"content_block":{"type":"text","text":""}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"text_delta","text":"Hello"}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"text_delta","text":" world"}}\n\n',
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn",'
+    b'"stop_sequence":null},"usage":{"output_tokens":2}}\n\n',
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+]
+
 SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 SSE_EVENTS = [
     _event(b'{"role":"assistant","content":""}'),
@@ -58,13 +80,15 @@ class StubProtocol(asyncio.Protocol):
                 return
             body = self.buf[end + 4:total]
             self.buf = self.buf[total:]
+            anthropic = head.startswith(b"post /v1/messages")
             if b'"stream":true' in body or b'"stream": true' in body:
-                self.transport.write(SSE_HEAD + _chunk(SSE_EVENTS[0]))
-                for event in SSE_EVENTS[1:]:
+                events = ANTHROPIC_EVENTS if anthropic else SSE_EVENTS
+                self.transport.write(SSE_HEAD + _chunk(events[0]))
+                for event in events[1:]:
                     self.transport.write(_chunk(event))
                 self.transport.write(b"0\r\n\r\n")
             else:
-                self.transport.write(JSON_RESPONSE)
+                self.transport.write(ANTHROPIC_RESPONSE if anthropic else JSON_RESPONSE)
 
 
 async def main(port: int) -> None:

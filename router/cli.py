@@ -94,6 +94,97 @@ def add_model(
     out.print(f"added {entry.name} ({entry.type}, {entry.kind}) -> {entry.endpoint}")
 
 
+@app.command("set-model-limits")
+def set_model_limits(
+    name: str = typer.Argument(..., help="Model name."),
+    rpm: int = typer.Option(0, help="Requests per minute for this model, across all clients (0: none)."),
+    tpm: int = typer.Option(0, help="Tokens per minute for this model, across all clients (0: none)."),
+) -> None:
+    """Set a model's own rate limits."""
+    s = settings()
+    conn = store(s).connect()
+    try:
+        changed = store(s).set_model_limits(conn, name, rpm, tpm)
+    except RegistryError as exc:
+        fail(str(exc))
+    finally:
+        conn.close()
+    if not changed:
+        fail(f"model {name!r} is not in the registry")
+    out.print(f"limits of {name}: {rpm or 'no'} requests/min, {tpm or 'no'} tokens/min")
+
+
+@app.command("create-key")
+def create_key(
+    name: Optional[str] = typer.Option(None, help="A name for the key (shown in logs and metrics)."),
+    rpm: Optional[int] = typer.Option(None, help="Requests per minute for this key (default RATE_LIMIT_REQUESTS)."),
+    tpm: Optional[int] = typer.Option(None, help="Tokens per minute for this key (default RATE_LIMIT_TOKENS)."),
+    models: Optional[str] = typer.Option(None, help="Comma-separated models this key may use (default: all)."),
+    expires: Optional[str] = typer.Option(None, help="Expiry: a duration (30d, 12h, 90m) or a date (2027-01-31)."),
+) -> None:
+    """Create a client key. It is printed once; only its hash is stored."""
+    s = settings()
+    model_list = [m.strip() for m in models.split(",") if m.strip()] if models is not None else None
+    conn = store(s).connect()
+    try:
+        secret, key = store(s).create_key(conn, name, rpm, tpm, model_list, parse_expiry(expires))
+    except RegistryError as exc:
+        fail(str(exc))
+    finally:
+        conn.close()
+    print(secret)
+    print(f"created key {key.name!r}; it will not be shown again", file=sys.stderr)
+
+
+def parse_expiry(text: str | None) -> float | None:
+    if text is None:
+        return None
+    text = text.strip()
+    units = {"d": 86400, "h": 3600, "m": 60}
+    if text[:-1].isdigit() and text[-1:] in units:
+        return datetime.now().timestamp() + int(text[:-1]) * units[text[-1]]
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        fail(f"--expires must be a duration like 30d, 12h, 90m or a date like 2027-01-31, got {text!r}")
+
+
+@app.command("list-keys")
+def list_keys() -> None:
+    """List client keys (names, prefixes and limits; never the keys)."""
+    s = settings()
+    conn = store(s).connect()
+    try:
+        keys = store(s).load_keys(conn)
+    finally:
+        conn.close()
+    table = Table(title="client keys")
+    for col in ("name", "prefix", "rpm", "tpm", "models", "expires", "status"):
+        table.add_column(col)
+    now = datetime.now().timestamp()
+    for k in keys:
+        status = ("revoked" if k.revoked_at is not None
+                  else "expired" if k.expires_at is not None and k.expires_at <= now else "active")
+        table.add_row(k.name, k.key_prefix + "…", str(k.rpm or "default"), str(k.tpm or "default"),
+                      ", ".join(sorted(k.models)) if k.models is not None else "all",
+                      _when(k.expires_at) if k.expires_at else "never", status)
+    out.print(table)
+
+
+@app.command("revoke-key")
+def revoke_key(name: str = typer.Argument(..., help="The key's name or its prefix as list-keys shows it.")) -> None:
+    """Revoke a client key; routers refuse it within seconds."""
+    s = settings()
+    conn = store(s).connect()
+    try:
+        count = store(s).revoke_key(conn, name.rstrip("…"))
+    finally:
+        conn.close()
+    if not count:
+        fail(f"no active key named {name!r}")
+    out.print(f"revoked {name}")
+
+
 @app.command("remove-model")
 def remove_model(name: str = typer.Argument(..., help="Model name to remove.")) -> None:
     """Remove a model from the registry."""

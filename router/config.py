@@ -71,10 +71,25 @@ class Settings(BaseSettings):
     upstream_max_connections: int = Field(1000, ge=1)
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
 
-    # Caching and rate limiting (used by later modules)
-    redis_url: str | None = None
-    cache_ttl: int = Field(300, ge=0)
+    # Client keys
+    router_master_key: SecretStr | None = None
+    metrics_require_key: bool = False  # /metrics only with the master key
+
+    # Redis (shared cache and limits across router processes); optional
+    redis_url: SecretStr | None = None  # may carry a password
+    redis_timeout: float = Field(0.1, gt=0, le=10)  # seconds per Redis call before giving up on it
+    redis_retry_after: float = Field(5.0, gt=0)  # seconds Redis is left alone after a failure
+
+    # Response cache
+    cache_mode: Literal["deterministic", "all", "off"] = "deterministic"
+    cache_ttl: int = Field(300, ge=1)
+    cache_max_entries: int = Field(10_000, ge=1)
+    cache_max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+
+    # Rate limits (per minute; 0 means no limit)
     rate_limit_requests: int = Field(60, ge=0)
+    rate_limit_tokens: int = Field(0, ge=0)
+    rate_limit_on_redis_failure: Literal["local", "open", "closed"] = "local"
 
     # Smart routing weights
     router_cost_weight: float = 1.0
@@ -85,6 +100,11 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_dir: str = "logs"
 
+    @field_validator("cache_mode", "rate_limit_on_redis_failure", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, v: object) -> object:
@@ -94,7 +114,7 @@ class Settings(BaseSettings):
         "local_agent_url", "llmd_endpoint", "redis_url", "router_agent_token",
         "external_openai_key", "external_anthropic_key", "external_google_key",
         "external_openrouter_key", "external_grok_key", "external_groq_key", "external_venice_key",
-        "llmd_api_key", "openrouter_referer", "openrouter_title",
+        "llmd_api_key", "openrouter_referer", "openrouter_title", "router_master_key",
         "hugging_face_hub_token", mode="before",
     )
     @classmethod

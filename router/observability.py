@@ -39,7 +39,22 @@ class Metrics:
                                  ("model", "provider"), buckets=LATENCY_BUCKETS, registry=self.registry)
         self.in_flight = Gauge("router_requests_in_flight", "Chat completion requests being served",
                                registry=self.registry, multiprocess_mode="livesum")
+        self.client_requests = Counter("router_client_requests_total", "Chat requests by client (key name)",
+                                       ("client",), registry=self.registry)
+        self.rate_limited = Counter("router_rate_limited_total", "Requests refused by a rate limit",
+                                    ("scope", "kind"), registry=self.registry)
+        self.cache_requests = Counter("router_cache_requests_total", "Cache lookups by result",
+                                      ("result",), registry=self.registry)
+        self.cache_entries = Gauge("router_cache_entries", "Entries in the in-memory response cache",
+                                   registry=self.registry, multiprocess_mode="livesum")
+        self.cache_bytes = Gauge("router_cache_bytes", "Bytes in the in-memory response cache",
+                                 registry=self.registry, multiprocess_mode="livesum")
+        self.redis_up = Gauge("router_redis_up", "1 while Redis answers, 0 after a failure",
+                              registry=self.registry, multiprocess_mode="min")
+        self.redis_errors = Counter("router_redis_errors_total", "Redis calls that failed or timed out",
+                                    ("op",), registry=self.registry)
         self._models: set[str] = set()
+        self._clients: dict[str, Counter] = {}
         self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def model_label(self, model: str) -> str:
@@ -58,6 +73,12 @@ class Metrics:
                                               self.latency.labels(model, provider))
         children[0].inc()
         children[1].observe(time.perf_counter() - started)
+
+    def client(self, label: str) -> None:
+        child = self._clients.get(label)
+        if child is None:
+            child = self._clients[label] = self.client_requests.labels(label)
+        child.inc()
 
     def render(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

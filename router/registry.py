@@ -7,7 +7,9 @@ snapshot (see `router.state`), so no request ever waits on SQLite.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -44,7 +46,25 @@ MIGRATIONS: list[list[str]] = [
         )""",
     ],
 ]
+MIGRATIONS.append([
+    # per-model limits, and client keys (only a hash of each key is stored)
+    "ALTER TABLE models ADD COLUMN rpm INTEGER",
+    "ALTER TABLE models ADD COLUMN tpm INTEGER",
+    """CREATE TABLE client_keys (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        key_hash TEXT NOT NULL UNIQUE,
+        key_prefix TEXT NOT NULL,
+        rpm INTEGER,
+        tpm INTEGER,
+        models TEXT,
+        expires_at REAL,
+        created_at REAL NOT NULL,
+        revoked_at REAL
+    )""",
+])
 SCHEMA_VERSION = len(MIGRATIONS)
+KEY_PREFIX = "sk-router-"
 
 
 class RegistryError(ValueError):
@@ -59,6 +79,25 @@ class ModelEntry:
     kind: str
     created_at: float
     updated_at: float
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientKey:
+    name: str
+    key_hash: str
+    key_prefix: str
+    rpm: int | None
+    tpm: int | None
+    models: frozenset[str] | None  # None: every model
+    expires_at: float | None
+    created_at: float
+    revoked_at: float | None
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +169,7 @@ class RegistryStore:
         conn.execute("BEGIN")
         try:
             models = [ModelEntry(*row) for row in conn.execute(
-                "SELECT name, type, endpoint, kind, created_at, updated_at FROM models ORDER BY name")]
+                "SELECT name, type, endpoint, kind, created_at, updated_at, rpm, tpm FROM models ORDER BY name")]
             agents = [
                 AgentEntry(name, endpoint, tuple(orjson.loads(models_json)), reg, hb)
                 for name, endpoint, models_json, reg, hb in conn.execute(
@@ -139,6 +178,15 @@ class RegistryStore:
         finally:
             conn.execute("COMMIT")
         return models, agents
+
+    def load_keys(self, conn: sqlite3.Connection) -> list[ClientKey]:
+        return [
+            ClientKey(name, key_hash, prefix, rpm, tpm,
+                      frozenset(orjson.loads(models)) if models is not None else None, expires, created, revoked)
+            for name, key_hash, prefix, rpm, tpm, models, expires, created, revoked in conn.execute(
+                "SELECT name, key_hash, key_prefix, rpm, tpm, models, expires_at, created_at, revoked_at "
+                "FROM client_keys ORDER BY name")
+        ]
 
     @staticmethod
     def data_version(conn: sqlite3.Connection) -> int:
@@ -158,6 +206,46 @@ class RegistryStore:
         except sqlite3.IntegrityError:
             raise RegistryError(f"model {name!r} already exists; remove it first") from None
         return ModelEntry(name, type, endpoint, kind, now, now)
+
+    def set_model_limits(self, conn: sqlite3.Connection, name: str, rpm: int | None, tpm: int | None) -> bool:
+        for value, what in ((rpm, "rpm"), (tpm, "tpm")):
+            if value is not None and value < 0:
+                raise RegistryError(f"{what} must be 0 (no limit) or more")
+        return conn.execute("UPDATE models SET rpm = ?, tpm = ?, updated_at = ? WHERE name = ?",
+                            (rpm or None, tpm or None, time.time(), name)).rowcount > 0
+
+    # -- client keys ----------------------------------------------------------------
+
+    def create_key(self, conn: sqlite3.Connection, name: str | None, rpm: int | None, tpm: int | None,
+                   models: list[str] | None, expires_at: float | None) -> tuple[str, ClientKey]:
+        """A new key: the secret is returned once; only its hash is stored."""
+        for value, what in ((rpm, "rpm"), (tpm, "tpm")):
+            if value is not None and value < 1:
+                raise RegistryError(f"{what} must be a positive number")
+        if expires_at is not None and expires_at <= time.time():
+            raise RegistryError("the expiry must be in the future")
+        if models is not None and (not models or not all(m.strip() for m in models)):
+            raise RegistryError("--models must list at least one model name")
+        secret = KEY_PREFIX + secrets.token_urlsafe(32)
+        prefix = secret[: len(KEY_PREFIX) + 6]
+        name = (name or f"key-{secret[len(KEY_PREFIX):len(KEY_PREFIX) + 6]}").strip()
+        if not name:
+            raise RegistryError("key name must not be empty")
+        now = time.time()
+        try:
+            conn.execute(
+                "INSERT INTO client_keys (name, key_hash, key_prefix, rpm, tpm, models, expires_at, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, hash_key(secret), prefix, rpm, tpm,
+                 orjson.dumps(sorted(set(models))).decode() if models is not None else None, expires_at, now))
+        except sqlite3.IntegrityError:
+            raise RegistryError(f"a key named {name!r} already exists") from None
+        return secret, ClientKey(name, hash_key(secret), prefix, rpm, tpm,
+                                 frozenset(models) if models is not None else None, expires_at, now, None)
+
+    def revoke_key(self, conn: sqlite3.Connection, name_or_prefix: str) -> int:
+        return conn.execute("UPDATE client_keys SET revoked_at = ? WHERE revoked_at IS NULL AND "
+                            "(name = ? OR key_prefix = ?)", (time.time(), name_or_prefix, name_or_prefix)).rowcount
 
     def remove_model(self, conn: sqlite3.Connection, name: str) -> bool:
         return conn.execute("DELETE FROM models WHERE name = ?", (name,)).rowcount > 0

@@ -17,10 +17,14 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from router.agents import AgentDirectory
+from router.auth import KeyTable
+from router.cache import MemoryBackend, RedisBackend, ResponseCache
 from router.config import Settings
 from router.errors import Scrubber
 from router.observability import Metrics
-from router.registry import AgentEntry, ModelEntry, RegistryStore
+from router.ratelimit import RateLimiter
+from router.redis_link import RedisLink
+from router.registry import AgentEntry, ClientKey, ModelEntry, RegistryStore
 from router.routing import RouteTable
 from router.upstream import UpstreamClient
 
@@ -46,6 +50,13 @@ class RouterState:
         self.agents = AgentDirectory(settings.agent_ttl)
         self.routes = RouteTable(settings, self.http, self.agents)
         self.metrics = Metrics()
+        self.keys = KeyTable(settings.router_master_key)
+        self.redis = RedisLink(settings, self.metrics) if settings.redis_url is not None else None
+        self.limiter = RateLimiter(settings.rate_limit_requests, settings.rate_limit_tokens, self.metrics,
+                                   self.redis, settings.rate_limit_on_redis_failure)
+        backend = (RedisBackend(self.redis) if self.redis is not None
+                   else MemoryBackend(settings.cache_max_entries, settings.cache_max_bytes, self.metrics))
+        self.cache = ResponseCache(settings.cache_mode, settings.cache_ttl, backend, self.metrics)
         self.models: list[ModelEntry] = []
         self._reader: sqlite3.Connection | None = None
         self._writer: sqlite3.Connection | None = None
@@ -68,6 +79,8 @@ class RouterState:
             except asyncio.CancelledError:
                 pass
         await self.http.close()
+        if self.redis is not None:
+            await self.redis.close()
         for conn in (self._reader, self._writer):
             if conn is not None:
                 conn.close()
@@ -83,14 +96,16 @@ class RouterState:
             return await asyncio.to_thread(fn, self._writer, *args)
 
     async def reload(self) -> None:
-        def load(conn: sqlite3.Connection) -> tuple[int, list[ModelEntry], list[AgentEntry]]:
+        def load(conn: sqlite3.Connection) -> tuple[int, list[ModelEntry], list[AgentEntry], list[ClientKey]]:
             version = self.store.data_version(conn)
             models, agents = self.store.load(conn)
-            return version, models, agents
+            return version, models, agents, self.store.load_keys(conn)
 
-        self._data_version, models, agents = await self.read(load)
+        self._data_version, models, agents, keys = await self.read(load)
         self.models = models
         self.agents.replace(agents)
+        self.keys.replace(keys)
+        self.limiter.model_limits = {m.name: (m.rpm, m.tpm) for m in models if m.rpm or m.tpm}
         self.routes.rebuild(models)
         log.debug("registry snapshot: %d models, %d agents", len(models), len(agents))
 

@@ -17,8 +17,9 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from router.auth import Client, check_model
 from router.errors import RouterError
-from router.providers.base import ChatCall
+from router.providers.base import ChatCall, Provider
 from router.state import RouterState
 from router.upstream import SSEResponse
 
@@ -96,18 +97,25 @@ async def chat_completions(state: RouterState, scope: Scope, receive: Receive, s
     metrics = state.metrics
     started = time.perf_counter()
     model, provider_name = "unknown", "none"
+    limit_headers: list[tuple[bytes, bytes]] = []
     metrics.in_flight.inc()
     try:
+        client = state.keys.authenticate(scope)
         call = parse_chat(await read_body(scope, receive, state.settings.max_body_bytes))
         provider = state.routes.resolve(call.model)
         model, provider_name = metrics.model_label(call.model), provider.type
-        response: Response | SSEResponse = await provider.chat(call)
+        check_model(client, call.model)
+        metrics.client(client.label)
+        limit_headers = await state.limiter.check(client, call)
+        response = await answer(state, client, provider, call, scope)
     except RouterError as exc:
         response = exc.response()
     except Exception:
         log.exception("unhandled error serving model %s", model)
         response = RouterError(500, "The server had an error while processing your request.",
                                code="internal_error").response()
+    if limit_headers:
+        response.raw_headers += limit_headers
 
     if isinstance(response, SSEResponse):
         def finished() -> None:
@@ -122,3 +130,20 @@ async def chat_completions(state: RouterState, scope: Scope, receive: Receive, s
     finally:
         metrics.in_flight.dec()
         metrics.observe(model, provider_name, response.status_code, started)
+
+
+async def answer(state: RouterState, client: Client, provider: Provider, call: ChatCall,
+                 scope: Scope) -> Response | SSEResponse:
+    """From the cache when it may and can, else from the provider (and stored when it may)."""
+    read, write = state.cache.policy(call, scope)
+    if not (read or write):
+        return await provider.chat(call)
+    key = state.cache.key(client, provider, call)
+    if read:
+        cached = await state.cache.lookup(key, call)
+        if cached is not None:
+            return cached
+    response = await provider.chat(call)
+    if write:
+        state.cache.record(key, response)
+    return response

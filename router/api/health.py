@@ -28,4 +28,7 @@ async def ready(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     state: RouterState = request.app.state.router
+    if state.settings.metrics_require_key and not state.keys.is_admin(request.scope):
+        raise RouterError(401, "/metrics needs the master key: send 'Authorization: Bearer <ROUTER_MASTER_KEY>'.",
+                          code="invalid_api_key")
     return Response(state.metrics.render(), headers={"content-type": CONTENT_TYPE_LATEST})

@@ -30,7 +30,9 @@ def free_port() -> int:
 def clean_env(workdir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(CONFIG_PREFIXES)}
     env.update({"SQLITE_DB_PATH": str(workdir / "data" / "models.db"), "LOG_DIR": str(workdir / "logs"),
-                "REGISTRY_POLL_INTERVAL": "0.2", "PYTHONUNBUFFERED": "1"})
+                "REGISTRY_POLL_INTERVAL": "0.2", "PYTHONUNBUFFERED": "1",
+                # the default 60 requests/min per client would throttle the suite; limit tests set their own
+                "RATE_LIMIT_REQUESTS": "0"})
     env.update(extra or {})
     return env
 

@@ -84,3 +84,27 @@ def hosted(tmp_path_factory: pytest.TempPathFactory, anthropic_upstream, gemini_
     }).start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """REDIS_URL when the environment gives one, else a redis-server the suite starts."""
+    from tests.support.redis_server import RedisServer, external_redis_url
+
+    url = external_redis_url()
+    if url:
+        yield url
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture()
+def redis_server(tmp_path: Path) -> Iterator["RedisServer"]:
+    """A redis-server of this test's own, which the test may kill and restart."""
+    from tests.support.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()

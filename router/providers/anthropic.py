@@ -37,7 +37,7 @@ from httpx_sse import ServerSentEvent
 from router.errors import RouterError
 from router.providers.base import ChatCall
 from router.providers.translate import (
-    JSON, ChunkWriter, TranslatingProvider, bad_request, choice, completion, data_uri, function_tools,
+    JSON, ChunkWriter, TranslatingProvider, append_turn, bad_request, choice, completion, data_uri, function_tools,
     max_tokens_of, named_tool_choice, parse_arguments, reject_unsupported, stop_list, text_of, tool_call,
     usage_block,
 )
@@ -68,19 +68,16 @@ class AnthropicProvider(TranslatingProvider):
     type = "anthropic"
     url_var = "ANTHROPIC_BASE_URL"
     key_var = "EXTERNAL_ANTHROPIC_KEY"
+    key_header = "x-api-key"
+    key_scheme = ""
+
+    def extra_headers(self) -> dict[str, str]:
+        return {"anthropic-version": self.settings.anthropic_version if self.settings else "2023-06-01"}
 
     def build_request(self, call: ChatCall) -> tuple[str, bytes, dict[str, str]]:
-        headers = getattr(self, "_headers", None)
-        if headers is None:
-            headers = {"Content-Type": "application/json", "Accept-Encoding": "identity",
-                       "anthropic-version": self.settings.anthropic_version if self.settings else "2023-06-01"}
-            key = self.require_key()
-            if key:
-                headers["x-api-key"] = key
-            self._headers = headers
         default = self.settings.anthropic_default_max_tokens if self.settings else 4096
         body = to_anthropic(call.payload, call.model, default)
-        return self.base_url + "/v1/messages", orjson.dumps(body), headers
+        return self.base_url + "/v1/messages", orjson.dumps(body), self.headers()
 
     def build_completion(self, data: JSON, call: ChatCall) -> bytes:
         return from_anthropic(data, call.model)
@@ -195,12 +192,7 @@ def to_anthropic(payload: JSON, model: str, fallback_max_tokens: int) -> JSON:
     turns: list[JSON] = []
 
     def add(role: str, blocks: list[JSON]) -> None:
-        if not blocks:
-            return
-        if turns and turns[-1]["role"] == role:
-            turns[-1]["content"].extend(blocks)
-        else:
-            turns.append({"role": role, "content": blocks})
+        append_turn(turns, role, blocks, "content")
 
     for i, message in enumerate(payload["messages"]):
         role, param = message["role"], f"messages[{i}]"

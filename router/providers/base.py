@@ -62,6 +62,9 @@ class ApiProvider(Provider):
     key_var: ClassVar[str | None] = None
     #: whether a request to the configured endpoint needs the key
     needs_key: ClassVar[bool] = True
+    #: how the key is sent: header name and the scheme before it
+    key_header: ClassVar[str] = "Authorization"
+    key_scheme: ClassVar[str] = "Bearer "
 
     def __init__(self, http: UpstreamClient, base_url: str, api_key: SecretStr | None = None,
                  *, key_required: bool = True, settings: Settings | None = None) -> None:
@@ -80,6 +83,21 @@ class ApiProvider(Provider):
         official = bool(default) and same_origin(base, default)
         key = getattr(settings, cls.key_var.lower()) if cls.key_var and official else None
         return cls(http, base, key, key_required=official and cls.needs_key, settings=settings)
+
+    def extra_headers(self) -> dict[str, str]:
+        """Provider-specific headers sent with every request (besides the key)."""
+        return {}
+
+    def headers(self) -> dict[str, str]:
+        """The request headers, key included; built once, then only looked up."""
+        headers: dict[str, str] | None = getattr(self, "_headers", None)
+        if headers is None:
+            headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", **self.extra_headers()}
+            key = self.require_key()
+            if key:
+                headers[self.key_header] = self.key_scheme + key
+            self._headers = headers
+        return headers
 
     def require_key(self) -> str | None:
         if self.api_key is None:

@@ -39,7 +39,7 @@ from httpx_sse import ServerSentEvent
 from router.errors import RouterError, upstream_error
 from router.providers.base import ChatCall
 from router.providers.translate import (
-    JSON, ChunkWriter, TranslatingProvider, bad_request, choice, completion, data_uri, function_tools,
+    JSON, ChunkWriter, TranslatingProvider, append_turn, bad_request, choice, completion, data_uri, function_tools,
     max_tokens_of, named_tool_choice, new_id, parse_arguments, reject_unsupported, stop_list, text_of,
     tool_call, usage_block,
 )
@@ -69,19 +69,14 @@ class GoogleProvider(TranslatingProvider):
     type = "google"
     url_var = "GOOGLE_BASE_URL"
     key_var = "EXTERNAL_GOOGLE_KEY"
+    key_header = "x-goog-api-key"  # never in the URL, where it would end up in logs
+    key_scheme = ""
 
     def build_request(self, call: ChatCall) -> tuple[str, bytes, dict[str, str]]:
-        headers = getattr(self, "_headers", None)
-        if headers is None:
-            headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
-            key = self.require_key()
-            if key:
-                headers["x-goog-api-key"] = key
-            self._headers = headers
         model = call.model.removeprefix("google/").removeprefix("models/")
         action = "streamGenerateContent?alt=sse" if call.stream else "generateContent"
         return (f"{self.base_url}/v1beta/models/{model}:{action}",
-                orjson.dumps(to_gemini(call.payload)), headers)
+                orjson.dumps(to_gemini(call.payload)), self.headers())
 
     def build_completion(self, data: JSON, call: ChatCall) -> bytes:
         choices = []
@@ -214,12 +209,7 @@ def to_gemini(payload: JSON) -> JSON:
     names: dict[str, str] = {}  # tool_call_id -> function name, from every earlier assistant turn
 
     def add(role: str, parts: list[JSON]) -> None:
-        if not parts:
-            return
-        if contents and contents[-1]["role"] == role:
-            contents[-1]["parts"].extend(parts)
-        else:
-            contents.append({"role": role, "parts": parts})
+        append_turn(contents, role, parts, "parts")
 
     for i, message in enumerate(payload["messages"]):
         role, param = message["role"], f"messages[{i}]"

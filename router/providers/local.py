@@ -19,8 +19,6 @@ if TYPE_CHECKING:
     from router.agents import AgentPool
     from router.upstream import UpstreamClient
 
-_HEADERS = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
-
 
 class LocalProvider(ApiProvider):
     type = "local"
@@ -38,13 +36,13 @@ class LocalProvider(ApiProvider):
                 raise RouterError(500, f"no live agent serves '{call.model}' and LOCAL_AGENT_URL is not set",
                                   code="provider_not_configured")
             url = self.fallback_url + "/v1/chat/completions"
-            return await self.http.forward(self.type, url, call.body, _HEADERS, call.stream)
+            return await self.http.forward(self.type, url, call.body, self.headers(), call.stream)
 
         url = normalize_base_url(agent.endpoint) + "/v1/chat/completions"
         tracker = self.pool.tracker  # type: ignore[union-attr]
         tracker.begin(agent.name)
         try:
-            response = await self.http.forward(self.type, url, call.body, _HEADERS, call.stream)
+            response = await self.http.forward(self.type, url, call.body, self.headers(), call.stream)
         except BaseException:
             tracker.end(agent.name)
             raise

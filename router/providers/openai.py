@@ -23,19 +23,6 @@ class OpenAICompatibleProvider(ApiProvider):
     def chat_url(self) -> str:
         return self.base_url + "/v1/chat/completions"
 
-    def extra_headers(self) -> dict[str, str]:
-        return {}
-
-    def headers(self) -> dict[str, str]:
-        headers = getattr(self, "_headers", None)
-        if headers is None:  # built once: the hot path only looks it up
-            headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", **self.extra_headers()}
-            key = self.require_key()
-            if key:
-                headers["Authorization"] = f"Bearer {key}"
-            self._headers = headers
-        return headers
-
     async def chat(self, call: ChatCall) -> Response:
         url = getattr(self, "_url", None)
         if url is None:

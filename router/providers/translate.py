@@ -32,6 +32,16 @@ def bad_request(message: str, param: str | None = None) -> RouterError:
 # -- request side --------------------------------------------------------------
 
 
+def append_turn(turns: list[JSON], role: str, items: list[JSON], field: str) -> None:
+    """Add a turn, merged into the previous one when the role is the same; empty turns vanish."""
+    if not items:
+        return
+    if turns and turns[-1]["role"] == role:
+        turns[-1][field].extend(items)
+    else:
+        turns.append({"role": role, field: items})
+
+
 def text_of(content: Any, param: str) -> str:
     """The text of a message whose content may be a string or text parts."""
     if content is None:

@@ -75,14 +75,15 @@ class LocalLimiter:
         updates: list[tuple[str, float]] = []
         for limit in limits:
             interval = PERIOD / limit.rate
-            tat = max(self.tat.get(limit.key, now), now)
-            new = tat + limit.cost * interval
-            wait = new - PERIOD - now
-            if wait > 1e-9:
-                outcomes.append(Outcome(False, 0, wait, tat - now))
+            # distances from now, not absolute times: no precision lost to large clock values
+            ahead = max(self.tat.get(limit.key, now) - now, 0.0)
+            used = ahead + limit.cost * interval
+            wait = used - PERIOD
+            if wait > 1e-7:
+                outcomes.append(Outcome(False, 0, wait, ahead))
             else:
-                outcomes.append(Outcome(True, int((PERIOD - (new - now)) / interval + 1e-9), 0.0, new - now))
-                updates.append((limit.key, new))
+                outcomes.append(Outcome(True, int((PERIOD - used) / interval + 1e-6), 0.0, used))
+                updates.append((limit.key, now + used))
         if all(o.allowed for o in outcomes):
             self.tat.update(updates)
             if len(self.tat) > self.max_keys:  # forget buckets that are full again
@@ -104,19 +105,20 @@ for i = 1, #KEYS do
   local rate = tonumber(ARGV[2 * i])
   local cost = tonumber(ARGV[2 * i + 1])
   local interval = period / rate
-  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
-  if tat < now then tat = now end
-  local new = tat + cost * interval
-  local wait = new - period - now
-  if wait > 0.000001 then
+  local ahead = (tonumber(redis.call('GET', KEYS[i]) or now)) - now
+  if ahead < 0 then ahead = 0 end
+  local used = ahead + cost * interval
+  local wait = used - period
+  -- tolerances above the precision of millisecond epoch times (about 0.0003 ms)
+  if wait > 0.001 then
     ok = 0
-    out[#out + 1] = 0; out[#out + 1] = 0; out[#out + 1] = math.ceil(wait); out[#out + 1] = math.ceil(tat - now)
+    out[#out + 1] = 0; out[#out + 1] = 0; out[#out + 1] = math.ceil(wait); out[#out + 1] = math.ceil(ahead)
   else
     out[#out + 1] = 1
-    out[#out + 1] = math.floor((period - (new - now)) / interval + 0.000001)
+    out[#out + 1] = math.floor((period - used) / interval + 0.01)
     out[#out + 1] = 0
-    out[#out + 1] = math.ceil(new - now)
-    news[i] = new
+    out[#out + 1] = math.ceil(used)
+    news[i] = now + used
   end
 end
 if ok == 1 then

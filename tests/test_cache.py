@@ -149,7 +149,10 @@ def test_no_cross_tenant_hits(start_router, stub: OpenAIStub, tmp_path: Path) ->
     def as_(key: str):
         return post(router, body, {"Authorization": f"Bearer {key}"})
 
-    assert wait_for(lambda: post(router, body).status_code == 401, 5)  # keys loaded
+    for key in keys:  # both keys loaded (each create-key is its own commit)
+        assert wait_for(lambda k=key: post(router, {**body, "temperature": 0.5},
+                                            {"Authorization": f"Bearer {k}"}).status_code == 200, 5)
+    stub.reset()
     assert wait_for(lambda: as_(keys[0]).headers["x-router-cache"] == "hit", 3)
     assert as_(keys[1]).headers["x-router-cache"] == "miss"  # tenant B never reads tenant A's entry
     assert chat_requests(stub) == 2

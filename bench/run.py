@@ -127,6 +127,23 @@ def main() -> None:
                 p.kill()
 
 
+async def interleaved(host: str, cases: list[tuple[str, int, bytes]], conc: int, args: argparse.Namespace,
+                      rounds: int = 4) -> dict[str, Result]:
+    """Cases take turns in short rounds, so drift in the machine's speed (it is a
+    shared VM) hits them all alike; the rounds' results are pooled per case."""
+    pooled: dict[str, Result] = {}
+    for _ in range(rounds):
+        for label, port, body in cases:
+            r = await run(host, port, build_request(host, port, "/v1/chat/completions", body), conc,
+                          args.seconds / rounds, args.max_requests, warmup=0.1)
+            total = pooled.setdefault(label, Result())
+            total.latencies += r.latencies
+            total.ttfb += r.ttfb
+            total.errors += r.errors
+            total.elapsed += r.elapsed
+    return pooled
+
+
 def pin(stub_pid: int, server_pids: list[int]) -> bool:
     """Routers (one loaded at a time) and Redis on the last core, stub and load
     generator on the others, so one run compares with the next instead of
@@ -180,11 +197,9 @@ async def bench(stub_port: int, routers: dict[str, int], router_pid: int, args: 
     for mode, gpt_body, claude_body in (("non-stream", plain, claude),
                                         ("stream", streamed, streamed.replace(b'"gpt-bench"', b'"claude-bench"'))):
         for conc in (1, 16):
-            passed = await run(host, router_port, build_request(host, router_port, "/v1/chat/completions", gpt_body),
-                               conc, args.seconds, args.max_requests)
-            translated = await run(host, router_port,
-                                   build_request(host, router_port, "/v1/chat/completions", claude_body),
-                                   conc, args.seconds, args.max_requests)
+            pooled = await interleaved(host, [("pass", router_port, gpt_body), ("translated", router_port, claude_body)],
+                                       conc, args)
+            passed, translated = pooled["pass"], pooled["translated"]
             added = Result.pct(translated.latencies, 50) - Result.pct(passed.latencies, 50)
             ttfb = Result.pct(translated.ttfb, 50) - Result.pct(passed.ttfb, 50)
             print(f"| {mode} | {conc} | {passed.rps:,.0f} | {ms(Result.pct(passed.latencies, 50))} | "
@@ -204,22 +219,12 @@ async def bench(stub_port: int, routers: dict[str, int], router_pid: int, args: 
              ("pass-through, rate limits on (Redis)", "redis", plain),
              ("cache hit (in memory), limits on", "default", cached),
              ("cache hit (Redis), limits on (Redis)", "redis", cached)]
-    rounds = 4  # cases take turns, so drift in the machine's speed hits them all alike
     for conc in (1, 16):
-        pooled: dict[str, Result] = {}
         for name in routers:  # fill the caches for the hit rows
             await run(host, routers[name], build_request(host, routers[name], "/v1/chat/completions", cached),
                       1, 0.2, 5, warmup=0)
-        for _ in range(rounds):
-            for label, name, body in [("direct", "", plain), *cases]:
-                if name and name not in routers:
-                    continue
-                port = routers[name] if name else stub_port
-                r = await run(host, port, build_request(host, port, "/v1/chat/completions", body), conc,
-                              args.seconds / rounds, args.max_requests, warmup=0.1)
-                total = pooled.setdefault(label, Result())
-                total.latencies += r.latencies
-                total.elapsed += r.elapsed
+        runnable = [(label, routers[name], body) for label, name, body in cases if name in routers]
+        pooled = await interleaved(host, [("direct", stub_port, plain), *runnable], conc, args)
         direct_p50 = Result.pct(pooled["direct"].latencies, 50)
         for label, _, _ in cases:
             r = pooled.get(label)

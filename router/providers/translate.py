@@ -203,15 +203,23 @@ class ChunkWriter:
 
 
 async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[ServerSentEvent]:
-    """Server-sent events from an upstream response; LF and CRLF framing alike."""
+    """Server-sent events from an upstream response; LF and CRLF framing alike.
+
+    Reads whatever the network delivered and splits it into lines here: one
+    await per network read, not one per line."""
     decoder = SSEDecoder()
-    async for raw in resp.content:
-        event = decoder.decode(raw.decode("utf-8").rstrip("\r\n"))
+    pending = b""
+    async for data in resp.content.iter_any():
+        lines = (pending + data).split(b"\n")
+        pending = lines.pop()  # an incomplete last line waits for more
+        for line in lines:
+            event = decoder.decode(line.rstrip(b"\r").decode("utf-8"))
+            if event is not None:
+                yield event
+    for line in (pending.rstrip(b"\r").decode("utf-8"), ""):  # a last event with no blank line after it
+        event = decoder.decode(line)
         if event is not None:
             yield event
-    event = decoder.decode("")  # a last event not followed by a blank line
-    if event is not None:
-        yield event
 
 
 def join_text(parts: Iterable[str]) -> str | None:

@@ -168,10 +168,8 @@ async def bench(stub_port: int, routers: dict[str, int], router_pid: int, args: 
           f"{', router pinned to its own core' if args.pinned else ''}", flush=True)
     for mode, body in (("non-stream", plain), ("stream", streamed)):
         for conc in (1, 16, 64):
-            direct = await run(host, stub_port, build_request(host, stub_port, "/v1/chat/completions", body),
-                               conc, args.seconds, args.max_requests)
-            routed = await run(host, router_port, build_request(host, router_port, "/v1/chat/completions", body),
-                               conc, args.seconds, args.max_requests)
+            pooled = await interleaved(host, [("direct", stub_port, body), ("router", router_port, body)], conc, args)
+            direct, routed = pooled["direct"], pooled["router"]
             rows.append((mode, conc, direct, routed))
             print(f"  {mode} c={conc}: direct {direct.rps:,.0f} req/s, router {routed.rps:,.0f} req/s"
                   f" ({routed.errors} errors)", flush=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from abc import abstractmethod
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
@@ -238,15 +239,18 @@ class TranslatingProvider(ApiProvider):
     mid-stream failures) is here, the same for every translating provider.
     """
 
+    @abstractmethod
     def build_request(self, call: ChatCall) -> tuple[str, bytes, dict[str, str]]:
-        raise NotImplementedError
+        """URL, body and headers of the provider's request for this call."""
 
+    @abstractmethod
     def build_completion(self, data: JSON, call: ChatCall) -> bytes:
-        raise NotImplementedError
+        """The provider's (parsed) answer as an OpenAI chat completion."""
 
+    @abstractmethod
     def translate_stream(self, events: AsyncIterator[ServerSentEvent], call: ChatCall,
                          out: ChunkWriter) -> AsyncIterator[bytes]:
-        raise NotImplementedError
+        """The provider's events as OpenAI chunks, ending with `[DONE]` (or raising RouterError)."""
 
     def build_error(self, status: int, body: bytes, headers: dict[str, str]) -> RouterError:
         return upstream_error(status, body, self.http.scrub, self.type, headers)

@@ -189,8 +189,8 @@ class OpenAIStub(ThreadedServer):
                     await asyncio.get_running_loop().run_in_executor(None, self.gate.wait, 10)
                 if model == "gpt-drip" and i > 0:
                     await asyncio.sleep(0.05)
+                self.chunks_sent += 1  # counted before the write, so a client never sees a chunk not yet counted
                 await resp.write(event)
-                self.chunks_sent += 1
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except (ConnectionResetError, ConnectionError, asyncio.CancelledError):

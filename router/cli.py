@@ -69,7 +69,11 @@ def serve(
     uvicorn.run(
         "router.app:create_app", factory=True,
         host=host or s.router_host, port=port or s.router_port, workers=workers,
-        loop="uvloop", http="httptools", access_log=False, log_level=s.log_level.lower(), proxy_headers=False,
+        loop="uvloop", http="httptools", access_log=False, log_level=s.log_level.lower(),
+        # the client address (rate limits of key-less clients) comes from X-Forwarded-For only when the
+        # request came through a trusted proxy; off by default, which also keeps that work off the hot path
+        proxy_headers=s.router_trusted_proxies is not None,
+        forwarded_allow_ips=s.router_trusted_proxies or "127.0.0.1",
         timeout_graceful_shutdown=30,
     )
 

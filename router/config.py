@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     router_host: str = "127.0.0.1"
     router_port: int = Field(8000, ge=1, le=65535)
     router_workers: int = Field(1, ge=1, le=64)
+    # proxies whose X-Forwarded-For is believed (comma-separated IPs/CIDRs, or *); unset: the socket's address
+    router_trusted_proxies: str | None = None
 
     # Registry and agents
     sqlite_db_path: str = "data/models.db"
@@ -114,7 +116,7 @@ class Settings(BaseSettings):
         "local_agent_url", "llmd_endpoint", "redis_url", "router_agent_token",
         "external_openai_key", "external_anthropic_key", "external_google_key",
         "external_openrouter_key", "external_grok_key", "external_groq_key", "external_venice_key",
-        "llmd_api_key", "openrouter_referer", "openrouter_title", "router_master_key",
+        "llmd_api_key", "openrouter_referer", "openrouter_title", "router_master_key", "router_trusted_proxies",
         "hugging_face_hub_token", mode="before",
     )
     @classmethod

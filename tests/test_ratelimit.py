@@ -143,3 +143,16 @@ def test_rate_limit_cost_is_measured_in_the_bench_not_here(start_router) -> None
     resp = post(router)
     assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == "Hello world"
     assert resp.headers["x-ratelimit-remaining-requests"] == "999999"
+
+
+def test_behind_a_trusted_proxy_each_client_has_its_own_limit(start_router, tmp_path: Path) -> None:
+    def as_client(router: RouterProcess, ip: str) -> int:
+        with router.http() as http:
+            return http.post("/v1/chat/completions", json=DUMMY, headers={"X-Forwarded-For": ip}).status_code
+
+    trusted = start_router({"RATE_LIMIT_REQUESTS": "1", "ROUTER_TRUSTED_PROXIES": "127.0.0.1"},
+                           workdir=tmp_path / "trusted")
+    assert [as_client(trusted, ip) for ip in ("10.0.0.1", "10.0.0.2", "10.0.0.1")] == [200, 200, 429]
+    # without trusting the proxy, the header is ignored: everyone is the proxy's address
+    untrusted = start_router({"RATE_LIMIT_REQUESTS": "1"}, workdir=tmp_path / "untrusted")
+    assert [as_client(untrusted, ip) for ip in ("10.0.0.1", "10.0.0.2")] == [200, 429]

@@ -12,7 +12,6 @@ through the router, and the latency the router adds. Then a soak of
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
 import subprocess

@@ -157,33 +157,56 @@ class UpstreamClient:
         if resp.status >= 400:
             raise self.error_from(provider, resp, await self.read(provider, url, resp))
         if stream and resp.content_type == "text/event-stream":
-            return SSEResponse(self._relay(provider, url, resp), resp.status, pass_headers(resp))
+            return self.relay(provider, url, resp, _until_done(provider, resp))
         data = await self.read(provider, url, resp)
         return Response(data, resp.status, pass_headers(resp),
                         media_type=resp.content_type or "application/json")
 
-    async def _relay(self, provider: str, url: str | URL, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    def relay(self, provider: str, url: str | URL, resp: aiohttp.ClientResponse,
+              source: AsyncIterator[bytes]) -> SSEResponse:
+        """Stream `source` (chunks made from `resp`) to the client; the one relay every provider uses.
+
+        A failure midway (the source raising RouterError, the connection breaking,
+        an upstream event that cannot be read) ends the stream with a final
+        `data: {"error": ...}` event. The upstream connection goes back to the
+        pool only after a complete stream; otherwise it is closed."""
+        return SSEResponse(self._relayed(provider, url, resp, source), resp.status, pass_headers(resp))
+
+    async def _relayed(self, provider: str, url: str | URL, resp: aiohttp.ClientResponse,
+                       source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         tail = b""
         complete = False
         try:
-            async for chunk in resp.content.iter_any():
+            async for chunk in source:
                 tail = (tail + chunk)[-_DONE_TAIL:]
                 yield chunk
-            if b"[DONE]" in tail:
-                complete = True
-            else:
-                err = RouterError(502, f"upstream {provider} closed the stream before [DONE]",
-                                  code="upstream_stream_truncated")
-                yield sse_error_tail(tail) + err.sse_event()
+            complete = True
+        except RouterError as err:
+            yield sse_error_tail(tail) + err.sse_event()
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
             err = self.transport_error(exc, provider, url)
             assert isinstance(err, RouterError)
+            yield sse_error_tail(tail) + err.sse_event()
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # orjson's errors are ValueErrors
+            err = RouterError(502, f"upstream {provider} sent an event the router could not read: "
+                              f"{exc.__class__.__name__}", code="upstream_bad_response")
             yield sse_error_tail(tail) + err.sse_event()
         finally:
             if complete:
                 resp.release()
             else:
                 resp.close()
+
+
+async def _until_done(provider: str, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """An OpenAI-compatible upstream's bytes as they come; a stream must end with [DONE]."""
+    tail = b""
+    async for chunk in resp.content.iter_any():
+        tail = (tail + chunk)[-_DONE_TAIL:]
+        yield chunk
+    if b"[DONE]" not in tail:
+        raise RouterError(502, f"upstream {provider} closed the stream before [DONE]",
+                          code="upstream_stream_truncated")
 
 
 def pass_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:

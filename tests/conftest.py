@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.support.openai_stub import OpenAIStub
 from tests.support.processes import RouterProcess
+
+if TYPE_CHECKING:
+    from tests.support.anthropic_stub import AnthropicStub
+    from tests.support.gemini_stub import GeminiStub
+    from tests.support.redis_server import RedisServer
 
 UPSTREAM_KEY = "sk-test-upstream-0123456789abcdef"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from starlette.responses import Response
+from yarl import URL
 
 from router.errors import RouterError
 from router.providers.base import ApiProvider, ChatCall, normalize_base_url
@@ -28,6 +29,13 @@ class LocalProvider(ApiProvider):
         super().__init__(http, fallback_url or "", None, key_required=False)
         self.fallback_url = self.base_url or None
         self.pool = pool
+        self._urls: dict[str, URL] = {}  # endpoint -> parsed chat URL, so no request rebuilds one
+
+    def _chat_url(self, endpoint: str) -> URL:
+        url = self._urls.get(endpoint)
+        if url is None:
+            url = self._urls[endpoint] = URL(normalize_base_url(endpoint) + "/v1/chat/completions", encoded=True)
+        return url
 
     async def chat(self, call: ChatCall) -> Response:
         agent = self.pool.pick() if self.pool is not None else None
@@ -35,10 +43,10 @@ class LocalProvider(ApiProvider):
             if self.fallback_url is None:
                 raise RouterError(500, f"no live agent serves '{call.model}' and LOCAL_AGENT_URL is not set",
                                   code="provider_not_configured")
-            url = self.fallback_url + "/v1/chat/completions"
-            return await self.http.forward(self.type, url, call.body, self.headers(), call.stream)
+            return await self.http.forward(self.type, self._chat_url(self.fallback_url), call.body,
+                                           self.headers(), call.stream)
 
-        url = normalize_base_url(agent.endpoint) + "/v1/chat/completions"
+        url = self._chat_url(agent.endpoint)
         tracker = self.pool.tracker  # type: ignore[union-attr]
         tracker.begin(agent.name)
         try:

@@ -4,7 +4,6 @@ the request-side helpers both need (content parts, tool arguments, stop)."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from abc import abstractmethod
 import time
@@ -21,7 +20,7 @@ from starlette.responses import Response
 
 from router.errors import RouterError, upstream_error
 from router.providers.base import ApiProvider, ChatCall
-from router.upstream import SSEResponse, pass_headers
+from router.upstream import pass_headers
 
 JSON = dict[str, Any]
 
@@ -235,8 +234,8 @@ class TranslatingProvider(ApiProvider):
     the provider's answer into an OpenAI completion (`build_completion`), and
     the provider's event stream into OpenAI chunks (`translate_stream`, which
     ends with `[DONE]` or raises `RouterError`). Upstream error bodies go
-    through `build_error`. The rest (sending, status handling, relaying,
-    mid-stream failures) is here, the same for every translating provider.
+    through `build_error`. Sending and status handling are here; relaying,
+    with its mid-stream failures, is `UpstreamClient.relay`, as for every provider.
     """
 
     @abstractmethod
@@ -269,25 +268,5 @@ class TranslatingProvider(ApiProvider):
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise RouterError(502, f"upstream {self.type} sent an answer the router could not read: "
                                   f"{exc.__class__.__name__}", code="upstream_bad_response") from None
-        return SSEResponse(self._relay(url, resp, call), headers=pass_headers(resp))
-
-    async def _relay(self, url: str, resp: aiohttp.ClientResponse, call: ChatCall) -> AsyncIterator[bytes]:
         out = ChunkWriter(call.model, call.include_usage)
-        complete = False
-        try:
-            async for chunk in self.translate_stream(sse_events(resp), call, out):
-                yield chunk
-            complete = True
-        except RouterError as err:
-            yield err.sse_event()
-        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
-            err = self.http.transport_error(exc, self.type, url)
-            yield err.sse_event() if isinstance(err, RouterError) else b""
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-            yield RouterError(502, f"upstream {self.type} sent an event the router could not read: "
-                              f"{exc.__class__.__name__}", code="upstream_bad_response").sse_event()
-        finally:
-            if complete:
-                resp.release()
-            else:
-                resp.close()
+        return self.http.relay(self.type, url, resp, self.translate_stream(sse_events(resp), call, out))

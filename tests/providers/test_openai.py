@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import threading
-import time
 
-import httpx
 import orjson
-import pytest
 
 from tests.conftest import UPSTREAM_KEY
 from tests.support.openai_stub import OpenAIStub, wait_for

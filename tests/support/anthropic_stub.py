@@ -27,7 +27,6 @@ from anthropic.types import (
 )
 from anthropic.types import InvalidRequestErrorObject
 from anthropic.types.message_create_params import MessageCreateParamsNonStreaming, MessageCreateParamsStreaming
-from anthropic.types.model import Model as ModelInfo  # noqa: F401 - kept for listing below
 from anthropic.types.raw_message_delta_event import Delta
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 from typing_extensions import is_typeddict

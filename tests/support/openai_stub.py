@@ -35,7 +35,7 @@ from openai.types.completion_usage import CompletionUsage
 from openai.types.model import Model
 
 from tests.support.schema import errors as spec_errors
-from tests.support.server import Received, ThreadedServer  # noqa: F401 - Received re-exported
+from tests.support.server import ThreadedServer
 from tests.support.schema import validator
 
 

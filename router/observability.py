@@ -54,6 +54,11 @@ class Metrics:
         self.redis_errors = Counter("router_redis_errors_total", "Redis calls that failed or timed out",
                                     ("op",), registry=self.registry)
         self._models: set[str] = set()
+        self.weights_loaded = Gauge("router_weights_loaded", "1 while a Hugging Face model is loaded in this process",
+                                    ("model",), registry=self.registry, multiprocess_mode="livesum")
+        self.weights_load_seconds = Histogram("router_weights_load_seconds", "Time to load a Hugging Face model",
+                                              ("model",), registry=self.registry,
+                                              buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600))
         self._clients: dict[str, Counter] = {}
         self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 

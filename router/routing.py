@@ -14,9 +14,11 @@ from router.errors import RouterError
 from router.providers import build_provider
 from router.providers.base import Provider
 from router.providers.dummy import DummyProvider
+from router.providers.huggingface import HuggingFaceProvider
 from router.providers.local import LocalProvider
 from router.registry import ModelEntry
 from router.upstream import UpstreamClient
+from router.weights import WeightStore
 
 # prefix -> provider type, tried in order (the design's routing rules)
 PREFIX_RULES: tuple[tuple[str, str], ...] = (
@@ -32,10 +34,12 @@ PREFIX_RULES: tuple[tuple[str, str], ...] = (
 
 
 class RouteTable:
-    def __init__(self, settings: Settings, http: UpstreamClient, agents: AgentDirectory) -> None:
+    def __init__(self, settings: Settings, http: UpstreamClient, agents: AgentDirectory,
+                 weights: WeightStore) -> None:
         self.settings = settings
         self.http = http
         self.agents = agents
+        self.weights = weights
         self.dummy = DummyProvider()
         self.models: dict[str, Provider] = {"dummy": self.dummy}
         self.agent_models: dict[str, LocalProvider] = {}
@@ -49,7 +53,7 @@ class RouteTable:
         """The provider a prefix rule routes to, on the configured default endpoint."""
         s = self.settings
         if type_ == "local":
-            return LocalProvider(self.http, s.local_agent_url)
+            return LocalProvider(self.http, s.local_agent_url, token=s.router_agent_token)
         if type_ == "llm-d" and not s.llmd_endpoint:
             return None
         return build_provider(type_, self.http, None, s)
@@ -62,13 +66,17 @@ class RouteTable:
             if entry.type == "dummy":
                 table[entry.name] = self.dummy
             elif entry.type == "local":
-                table[entry.name] = LocalProvider(self.http, entry.endpoint, pools.get(entry.name))
+                table[entry.name] = LocalProvider(self.http, entry.endpoint, pools.get(entry.name),
+                                                  token=self.settings.router_agent_token)
+            elif entry.type == HuggingFaceProvider.type:
+                table[entry.name] = HuggingFaceProvider(self.weights, entry.endpoint)
             else:
                 table[entry.name] = build_provider(entry.type, self.http, entry.endpoint, self.settings)
         table.setdefault("dummy", self.dummy)
         self.models = table
         self.agent_models = {
-            name: LocalProvider(self.http, None, pool) for name, pool in pools.items() if name not in table
+            name: LocalProvider(self.http, None, pool, token=self.settings.router_agent_token)
+            for name, pool in pools.items() if name not in table
         }
 
     def resolve(self, model: str) -> Provider:

@@ -27,6 +27,7 @@ from router.redis_link import RedisLink
 from router.registry import AgentEntry, ClientKey, ModelEntry, RegistryStore
 from router.routing import RouteTable
 from router.upstream import UpstreamClient
+from router.weights import WeightStore
 
 log = logging.getLogger("router.state")
 T = TypeVar("T")
@@ -45,11 +46,12 @@ class RouterState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.scrub = Scrubber(secrets_of(settings))
-        self.http = UpstreamClient(settings, self.scrub)
+        self.http = UpstreamClient.from_settings(settings, self.scrub)
         self.store = RegistryStore(settings.sqlite_db_path)
         self.agents = AgentDirectory(settings.agent_ttl)
-        self.routes = RouteTable(settings, self.http, self.agents)
         self.metrics = Metrics()
+        self.weights = WeightStore(settings, self.metrics)
+        self.routes = RouteTable(settings, self.http, self.agents, self.weights)
         self.keys = KeyTable(settings.router_master_key)
         self.redis = RedisLink(settings, self.metrics) if settings.redis_url is not None else None
         self.limiter = RateLimiter(settings.rate_limit_requests, settings.rate_limit_tokens, self.metrics,
@@ -79,6 +81,7 @@ class RouterState:
             except asyncio.CancelledError:
                 pass
         await self.http.close()
+        self.weights.close()
         if self.redis is not None:
             await self.redis.close()
         for conn in (self._reader, self._writer):

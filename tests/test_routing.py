@@ -62,13 +62,6 @@ def test_llmd_prefix_reaches_llmd_endpoint(routed) -> None:
     assert resp.status_code == 502 and "llm-d" in resp.json()["error"]["message"]
 
 
-def test_unimplemented_type_is_501(routed) -> None:
-    proc, _ = routed
-    assert proc.cli("add-model", "tiny-hf", "huggingface", "https://huggingface.co", "weight").returncode == 0
-    assert wait_for(lambda: post(proc, "tiny-hf").status_code == 501)
-    assert post(proc, "tiny-hf").json()["error"]["code"] == "provider_not_implemented"
-
-
 @pytest.mark.parametrize("model", ["mistral-large", "llama3", "dummy-2", "xgpt-4"])
 def test_unknown_model_is_404(routed, model: str) -> None:
     resp = post(routed[0], model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from router.providers.anthropic import AnthropicProvider
-from router.providers.base import ApiProvider, Provider, UnimplementedProvider, WeightProvider
+from router.providers.base import ApiProvider, Provider, WeightProvider
 from router.providers.google import GoogleProvider
 from router.providers.grok import GrokProvider, GroqProvider
 from router.providers.llmd import LlmdProvider
@@ -26,8 +26,5 @@ API_PROVIDERS: dict[str, type[ApiProvider]] = {
 
 
 def build_provider(type_: str, http: UpstreamClient, endpoint: str | None, settings: Settings) -> Provider:
-    """A provider of `type_` for `endpoint` (None: the type's configured default)."""
-    cls = API_PROVIDERS.get(type_)
-    if cls is None:
-        return UnimplementedProvider(type_)
-    return cls.from_settings(http, endpoint, settings)
+    """An API provider of `type_` for `endpoint` (None: the type's configured default)."""
+    return API_PROVIDERS[type_].from_settings(http, endpoint, settings)

@@ -125,17 +125,6 @@ class MisconfiguredProvider(Provider):
                           code="provider_not_configured")
 
 
-class UnimplementedProvider(Provider):
-    """Stands for a registry type whose provider has not landed yet (HTTP 501)."""
-
-    def __init__(self, type: str) -> None:
-        self.type = type  # type: ignore[misc]
-
-    async def chat(self, call: ChatCall) -> Response:
-        raise RouterError(501, f"provider '{self.type}' is not implemented yet (model '{call.model}')",
-                          code="provider_not_implemented")
-
-
 def normalize_base_url(url: str) -> str:
     """Accept a base URL with or without a trailing `/v1` (and slashes)."""
     url = url.strip().rstrip("/")

@@ -2,7 +2,10 @@
 
 A request goes to a live agent that announced the model (fewest in-flight
 requests first); with none alive, to the registry endpoint or `LOCAL_AGENT_URL`.
-JSON and SSE are relayed as they come, exactly like the OpenAI pass-through.
+An agent that cannot be reached (nothing was sent) is skipped for the next
+one. JSON and SSE are relayed as they come, exactly like the OpenAI
+pass-through. With `ROUTER_AGENT_TOKEN` set, it is sent to agents as a bearer
+token (agents configured with it require it).
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from router.providers.base import ApiProvider, ChatCall, normalize_base_url
 from router.upstream import SSEResponse
 
 if TYPE_CHECKING:
+    from pydantic import SecretStr
+
     from router.agents import AgentPool
+    from router.registry import AgentEntry
     from router.upstream import UpstreamClient
 
 
@@ -25,8 +31,9 @@ class LocalProvider(ApiProvider):
     type = "local"
     url_var = "LOCAL_AGENT_URL"
 
-    def __init__(self, http: UpstreamClient, fallback_url: str | None, pool: AgentPool | None = None) -> None:
-        super().__init__(http, fallback_url or "", None, key_required=False)
+    def __init__(self, http: UpstreamClient, fallback_url: str | None, pool: AgentPool | None = None,
+                 token: SecretStr | None = None) -> None:
+        super().__init__(http, fallback_url or "", token, key_required=False)
         self.fallback_url = self.base_url or None
         self.pool = pool
         self._urls: dict[str, URL] = {}  # endpoint -> parsed chat URL, so no request rebuilds one
@@ -38,19 +45,30 @@ class LocalProvider(ApiProvider):
         return url
 
     async def chat(self, call: ChatCall) -> Response:
-        agent = self.pool.pick() if self.pool is not None else None
-        if agent is None:
-            if self.fallback_url is None:
-                raise RouterError(500, f"no live agent serves '{call.model}' and LOCAL_AGENT_URL is not set",
-                                  code="provider_not_configured")
-            return await self.http.forward(self.type, self._chat_url(self.fallback_url), call.body,
-                                           self.headers(), call.stream)
+        pool = self.pool
+        tried: tuple[str, ...] = ()
+        while (agent := pool.pick(tried) if pool is not None else None) is not None:
+            try:
+                return await self._send(pool, agent, call)  # type: ignore[arg-type]
+            except RouterError as exc:
+                if exc.code != "upstream_unreachable":
+                    raise
+                tried += (agent.name,)
+        if tried:
+            raise RouterError(502, f"no agent serving '{call.model}' could be reached (tried {', '.join(tried)})",
+                              code="upstream_unreachable")
+        if self.fallback_url is None:
+            raise RouterError(500, f"no live agent serves '{call.model}' and LOCAL_AGENT_URL is not set",
+                              code="provider_not_configured")
+        return await self.http.forward(self.type, self._chat_url(self.fallback_url), call.body,
+                                       self.headers(), call.stream)
 
-        url = self._chat_url(agent.endpoint)
-        tracker = self.pool.tracker  # type: ignore[union-attr]
+    async def _send(self, pool: AgentPool, agent: AgentEntry, call: ChatCall) -> Response:
+        tracker = pool.tracker
         tracker.begin(agent.name)
         try:
-            response = await self.http.forward(self.type, url, call.body, self.headers(), call.stream)
+            response = await self.http.forward(self.type, self._chat_url(agent.endpoint), call.body,
+                                               self.headers(), call.stream)
         except BaseException:
             tracker.end(agent.name)
             raise

@@ -1,0 +1,424 @@
+"""Hugging Face weights in the router's own process: where they are
+(`HF_CACHE_DIR`), fetching them (`pull`), loading each model once, keeping a
+bounded set loaded (least recently used unloaded, memory released), and
+running generation on a worker thread, never on the event loop.
+
+torch and transformers are an install extra (`pip install 'llm-router[hf]'`):
+nothing here imports them until a model is loaded, so the router starts and
+serves API models without them.
+
+A model name is found, in order, as: a folder `HF_CACHE_DIR/<name>` (a
+`config.json`, or a `.gguf` file inside), a file `HF_CACHE_DIR/<name>` ending
+in `.gguf`, or a hub cache entry `HF_CACHE_DIR/models--<org>--<name>`. A name
+whose last part ends in `.gguf` (`org/repo/file.gguf`) is that one file of
+the repo `org/repo`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import gc
+import importlib.util
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from router.errors import RouterError
+
+if TYPE_CHECKING:
+    from router.config import Settings
+    from router.observability import Metrics
+
+log = logging.getLogger("router.weights")
+EXTRA_HINT = "pip install 'llm-router[hf]'"
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def missing_extra() -> str | None:
+    """What is missing for in-process weights, or None when torch and transformers are installed."""
+    missing = [m for m in ("torch", "transformers") if not _installed(m)]
+    return " and ".join(missing) if missing else None
+
+
+# -- finding and fetching weights --------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WeightsRef:
+    folder: Path
+    gguf_file: str | None = None  # a GGUF file inside `folder`, loaded with transformers' gguf_file
+
+
+def split_gguf(name: str) -> tuple[str, str | None]:
+    """`org/repo/file.gguf` -> ("org/repo", "file.gguf"); any other name -> (name, None)."""
+    head, _, last = name.rpartition("/")
+    if last.endswith(".gguf") and head:
+        return head, last
+    return name, None
+
+
+def _in_folder(folder: Path, gguf: str | None) -> WeightsRef | None:
+    if gguf is not None:
+        return WeightsRef(folder, gguf) if (folder / gguf).is_file() else None
+    if (folder / "config.json").is_file():
+        return WeightsRef(folder)
+    ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+    return WeightsRef(folder, ggufs[0]) if ggufs else None
+
+
+def locate(name: str, cache_dir: str | Path) -> WeightsRef | None:
+    """Weights for `name` already on disk, or None."""
+    root = Path(cache_dir).expanduser()
+    plain = root / name
+    if plain.is_file() and plain.suffix == ".gguf":
+        return WeightsRef(plain.parent, plain.name)
+    if plain.is_dir() and (ref := _in_folder(plain, None)) is not None:
+        return ref
+    repo, gguf = split_gguf(name)
+    hub = root / ("models--" + repo.replace("/", "--"))
+    snapshots = hub / "snapshots"
+    if snapshots.is_dir():
+        main = hub / "refs" / "main"
+        candidates = [snapshots / main.read_text().strip()] if main.is_file() else []
+        candidates += sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+        for snapshot in candidates:
+            if snapshot.is_dir() and (ref := _in_folder(snapshot, gguf)) is not None:
+                return ref
+    return None
+
+
+def pull(name: str, cache_dir: str | Path, token: str | None = None, endpoint: str | None = None,
+         tqdm_class: Any = None) -> WeightsRef:
+    """Download `name` from the hub into the cache (what is there already is kept); return it."""
+    from huggingface_hub import snapshot_download
+
+    repo, gguf = split_gguf(name)
+    kwargs: dict[str, Any] = {"repo_id": repo, "cache_dir": str(Path(cache_dir).expanduser()), "token": token}
+    if endpoint and "huggingface.co" not in endpoint:
+        kwargs["endpoint"] = endpoint  # a mirror
+    if gguf is not None:
+        kwargs["allow_patterns"] = [gguf, "*.json"]
+    else:  # one copy of the weights is enough: safetensors when the repo has them
+        kwargs["ignore_patterns"] = ["*.pth", "*.pt", "*.msgpack", "*.h5", "original/*", "*.gguf"]
+    if tqdm_class is not None:
+        kwargs["tqdm_class"] = tqdm_class
+    folder = Path(snapshot_download(**kwargs))
+    ref = _in_folder(folder, gguf)
+    if ref is None:
+        raise FileNotFoundError(f"{name}: the download has no config.json or .gguf file")
+    return ref
+
+
+def _logging_tqdm() -> Any:
+    """A tqdm that reports download progress to the log (every 10%) instead of a terminal."""
+    from tqdm.auto import tqdm
+
+    class LogProgress(tqdm):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+            self._seen = 0
+            self._tenth = -1
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self._seen += n or 0
+            total = self.total or 0
+            if total:
+                tenth = int(10 * self._seen / total)
+                if tenth != self._tenth:
+                    self._tenth = tenth
+                    log.info("download %s: %d%% of %.1f MB", self.desc or "", 10 * tenth, total / 1e6)
+            return None
+
+    return LogProgress
+
+
+# -- loaded models -------------------------------------------------------------------
+
+
+def pick_device(wanted: str) -> str:
+    import torch
+
+    if wanted != "auto":
+        return wanted
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: Any
+    tokenizer: Any
+    device: str
+    load_seconds: float
+    context: int
+    slots: asyncio.Semaphore
+    executor: ThreadPoolExecutor
+    waiting: int = 0
+    active: int = 0
+    eos_ids: frozenset[int] = field(default_factory=frozenset)
+
+
+class WeightStore:
+    """The models loaded in this process; at most `HF_MAX_LOADED_MODELS` of them."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def acquire(self, name: str, endpoint: str | None) -> LoadedModel:
+        """The loaded model (loading it first if needed; concurrent callers share one load)."""
+        lm = self.loaded.get(name)
+        if lm is not None:
+            self.loaded.move_to_end(name)
+            return lm
+        missing = missing_extra()
+        if missing is not None:
+            raise RouterError(501, f"Model '{name}' runs on Hugging Face weights in the router, which needs "
+                              f"{missing}: install the extra with `{EXTRA_HINT}` and restart the router.",
+                              code="provider_unavailable")
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            lm = self.loaded.get(name)
+            if lm is not None:
+                return lm
+            while len(self.loaded) >= self.settings.hf_max_loaded_models:
+                self._unload(self._victim())
+            try:
+                lm = await asyncio.to_thread(self._load, name, endpoint)
+            except FileNotFoundError as exc:
+                raise RouterError(404, f"No weights for model '{name}': {exc}", param="model",
+                                  code="model_not_found") from None
+            except (OSError, ValueError, RuntimeError, ImportError) as exc:
+                log.exception("loading %s failed", name)
+                raise RouterError(500, f"Loading model '{name}' failed: {exc.__class__.__name__}: {exc}",
+                                  code="model_load_failed") from None
+            self.loaded[name] = lm
+            if self.metrics is not None:
+                self.metrics.weights_loaded.labels(name).set(1)
+                self.metrics.weights_load_seconds.labels(name).observe(lm.load_seconds)
+            return lm
+
+    def _victim(self) -> str:
+        """The least recently used idle model, else the least recently used one."""
+        for name, lm in self.loaded.items():
+            if lm.active == 0 and lm.waiting == 0:
+                return name
+        return next(iter(self.loaded))
+
+    def _unload(self, name: str) -> None:
+        lm = self.loaded.pop(name)
+        lm.executor.shutdown(wait=False)  # running generations finish; their threads hold the model until then
+        device = lm.device
+        del lm
+        gc.collect()
+        release_memory(device)
+        if self.metrics is not None:
+            self.metrics.weights_loaded.labels(name).set(0)
+        log.info("unloaded %s (least recently used; HF_MAX_LOADED_MODELS=%d)", name,
+                 self.settings.hf_max_loaded_models)
+
+    def close(self) -> None:
+        for name in list(self.loaded):
+            self._unload(name)
+
+    def _load(self, name: str, endpoint: str | None) -> LoadedModel:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # progress goes to our log lines, not bars on stderr
+        s = self.settings
+        started = time.perf_counter()
+        ref = locate(name, s.hf_cache_dir)
+        if ref is None:
+            if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+                raise FileNotFoundError(f"not in HF_CACHE_DIR={s.hf_cache_dir} and HF_HUB_OFFLINE is set")
+            log.info("%s is not in %s: downloading it", name, s.hf_cache_dir)
+            token = s.hugging_face_hub_token.get_secret_value() if s.hugging_face_hub_token else None
+            try:
+                ref = pull(name, s.hf_cache_dir, token, endpoint, _logging_tqdm())
+            except Exception as exc:  # hub errors have many types; all mean "not available"
+                raise FileNotFoundError(f"not in HF_CACHE_DIR={s.hf_cache_dir} and the download failed: "
+                                        f"{exc.__class__.__name__}") from exc
+        device = pick_device(s.hf_device)
+        dtype: Any = torch.float32 if device == "cpu" and s.hf_dtype == "auto" else s.hf_dtype
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)
+        extra = {"gguf_file": ref.gguf_file} if ref.gguf_file else {}
+        log.info("loading %s from %s%s on %s", name, ref.folder, f" ({ref.gguf_file})" if ref.gguf_file else "",
+                 device)
+        tokenizer = AutoTokenizer.from_pretrained(ref.folder, **extra)
+        model = AutoModelForCausalLM.from_pretrained(ref.folder, dtype=dtype, **extra)
+        model.to(device)
+        model.eval()
+        seconds = time.perf_counter() - started
+        context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 4096
+        eos = model.generation_config.eos_token_id
+        eos_ids = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            eos_ids |= {tokenizer.eos_token_id}
+        log.info("loaded %s in %.1fs (%s, %s, context %d)", name, seconds, device, model.dtype, context)
+        concurrency = s.hf_max_concurrency
+        return LoadedModel(name, model, tokenizer, device, seconds, context, asyncio.Semaphore(concurrency),
+                           ThreadPoolExecutor(concurrency, thread_name_prefix=f"hf-{name}"), eos_ids=eos_ids)
+
+
+def release_memory(device: str) -> None:
+    """Hand freed memory back: the CUDA cache, or glibc's heap on Linux."""
+    try:
+        import torch
+
+        if device.startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+# -- generation (runs on the model's worker thread) ------------------------------------
+
+
+@dataclass(slots=True)
+class Sampling:
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    stop: list[str]
+    seed: int | None
+
+
+@dataclass(slots=True)
+class Generated:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TextEmitter:
+    """Turns generated token ids into text pieces as they come.
+
+    Decodes the whole continuation each time and emits the new suffix, so
+    characters split across tokens come out whole; holds back any tail that
+    could still become a stop sequence, and cuts the text at a stop sequence
+    (which is not emitted, as OpenAI does)."""
+
+    def __init__(self, tokenizer: Any, stop: list[str], emit: Callable[[str], None] | None) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.emit = emit
+        self.ids: list[int] = []
+        self.text = ""  # decoded so far (after the stop cut)
+        self.sent = 0  # characters of `text` emitted
+        self.stopped = False
+
+    def add(self, ids: list[int]) -> None:
+        if self.stopped:
+            return
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return  # a character is still incomplete
+        hold = 0
+        for s in self.stop:
+            at = text.find(s, max(0, self.sent - len(s)))
+            if at != -1:
+                text, self.stopped = text[:at], True
+        if not self.stopped:
+            for s in self.stop:  # the longest tail that is the start of a stop sequence waits
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        hold = max(hold, k)
+                        break
+        self.text = text
+        self._flush(len(text) - hold)
+
+    def finish(self) -> None:
+        """Generation ended: what was held back goes out (an incomplete character as U+FFFD)."""
+        if not self.stopped:
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            self._flush(len(self.text))
+
+    def _flush(self, upto: int) -> None:
+        if upto > self.sent:
+            if self.emit is not None:
+                self.emit(self.text[self.sent:upto])
+            self.sent = upto
+
+
+def generate(lm: LoadedModel, prompt_ids: list[int], sampling: Sampling, cancelled: threading.Event,
+             emit: Callable[[str], None] | None = None) -> Generated:
+    """One completion, on the calling (worker) thread; `emit` gets text pieces as they are made."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    text = TextEmitter(lm.tokenizer, sampling.stop, emit)
+    room = lm.context - len(prompt_ids)
+    if room < 1:
+        raise RouterError(400, f"The prompt is {len(prompt_ids)} tokens; model '{lm.name}' has a context of "
+                          f"{lm.context}.", param="messages", code="context_length_exceeded")
+    max_new = min(sampling.max_tokens or room, room)
+
+    class Streamer(BaseStreamer):
+        def __init__(self) -> None:
+            self.prompt_seen = False
+
+        def put(self, value: Any) -> None:
+            if not self.prompt_seen:  # the first call carries the prompt
+                self.prompt_seen = True
+                return
+            text.add(value.reshape(-1).tolist())
+
+        def end(self) -> None:
+            pass
+
+    class Stop(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            done = text.stopped or cancelled.is_set()
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    sample = sampling.temperature > 0
+    options: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_new,
+                               "pad_token_id": lm.tokenizer.pad_token_id or next(iter(lm.eos_ids), None)}
+    if sample:
+        options.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+    else:
+        options.update(temperature=None, top_p=None, top_k=None)
+    inputs = torch.tensor([prompt_ids], device=lm.device)
+    with torch.inference_mode():
+        out = lm.model.generate(inputs, attention_mask=torch.ones_like(inputs), streamer=Streamer(),
+                                stopping_criteria=StoppingCriteriaList([Stop()]), **options)
+    new_ids = out[0, len(prompt_ids):].tolist()
+    text.finish()
+    if text.stopped or (new_ids and new_ids[-1] in lm.eos_ids):
+        finish = "stop"
+    else:
+        finish = "length" if len(new_ids) >= max_new else "stop"
+    return Generated(text.text, finish, len(prompt_ids), len(new_ids))

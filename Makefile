@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 WHEELS ?= $(HOME)/.cache/router-wheels
 LLAMA_CPP := llama_cpp_python-0.3.36
 
-.PHONY: dev test bench install vllm clean
+.PHONY: dev test bench bench-local install vllm clean
 
 # The virtualenv is rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -35,6 +35,10 @@ test: install
 
 bench: install
 	$(BIN)/python -m bench.run
+
+# load time, first-token latency and tokens/s of the local CPU paths (HF weights, agent + llama.cpp, agent + vLLM)
+bench-local: install
+	$(BIN)/python -m bench.local
 
 # vLLM's CPU build in its own virtualenv, for the agent's process-launcher test (make test skips it without)
 vllm: .venv-vllm/.installed

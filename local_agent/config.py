@@ -15,6 +15,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -88,8 +89,8 @@ class AgentSettings(BaseSettings):
     #: the router to announce to; empty: run standalone (no registration)
     router_url: str | None = "http://localhost:8000"
     #: the router's ROUTER_AGENT_TOKEN; when set, this agent's /v1 endpoints also require it
-    router_token: SecretStr | None = Field(None, validation_alias=AliasChoices("agent_router_token",
-                                                                               "router_agent_token"))
+    router_token: SecretStr | None = Field(None, validation_alias=AliasChoices(
+        "router_token", "agent_router_token", "router_agent_token"))
     name: str = Field(default_factory=socket.gethostname, min_length=1)
     #: the URL the router reaches this agent at
     endpoint: str = "http://localhost:5000"
@@ -165,7 +166,8 @@ def load_agent_settings(path: str | os.PathLike[str] | None = None, **overrides:
         return AgentSettings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise config_error(exc) from None
-    except (OSError, ValueError) as exc:  # an unreadable or malformed file
-        raise ConfigError(f"invalid configuration: {exc}") from None
+    except (OSError, ValueError, yaml.YAMLError) as exc:  # an unreadable or malformed file
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"invalid configuration: {_config_file.get() or 'file'}: {detail}") from None
     finally:
         _config_file.reset(token)

@@ -32,7 +32,7 @@ from local_agent.workers import Supervisor, Worker
 from router.api.chat import read_body
 from router.config import ConfigError
 from router.errors import RouterError, Scrubber, error_body
-from router.upstream import SSEResponse, UpstreamClient
+from router.upstream import NOT_ANSWERED, SSEResponse, UpstreamClient
 
 log = logging.getLogger("local_agent")
 FORWARDED = ("/v1/chat/completions", "/v1/completions")
@@ -101,13 +101,14 @@ class Agent:
             try:
                 return await self._send(worker, path, body, stream)
             except RouterError as exc:
-                if exc.code != "upstream_unreachable":  # nothing reached the worker: another may take it
+                if exc.code not in NOT_ANSWERED:  # nothing reached the worker: another may take it
                     raise
                 self.supervisor.suspect(worker, exc.message)
                 tried += (worker,)
 
     async def _send(self, worker: Worker, path: str, body: bytes, stream: bool) -> Response | SSEResponse:
         worker.in_flight += 1
+        worker.requests += 1
         try:
             response = await self.http.forward(f"worker {worker.spec.model}", worker.urls[path], body,
                                                self.headers, stream)

@@ -108,7 +108,7 @@ class Announcer:
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, RouterRefused) as exc:
                 message = str(exc) if isinstance(exc, RouterRefused) else f"{exc.__class__.__name__}: {exc}"
                 if self.last_error is None:
-                    log.warning("router %s unreachable (%s); retrying with backoff", self.settings.router_url,
+                    log.warning("announcing to %s failed (%s); retrying with backoff", self.settings.router_url,
                                 message)
                 self.last_error = message
                 self.registered = None  # it may have restarted: register again once it answers

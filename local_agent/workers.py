@@ -39,6 +39,7 @@ class Worker:
         self.launcher = launcher
         self.state = "stopped"
         self.in_flight = 0
+        self.requests = 0
         self.restarts = 0
         self.last_error: str | None = None
         self.since = time.time()
@@ -65,6 +66,7 @@ class Worker:
             "state": self.state,
             "since": self.since,
             "in_flight": self.in_flight,
+            "requests": self.requests,
             "restarts": self.restarts,
             "last_error": self.last_error,
             **self.launcher.describe(),

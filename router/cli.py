@@ -203,6 +203,42 @@ def remove_model(name: str = typer.Argument(..., help="Model name to remove.")) 
     out.print(f"removed {name}")
 
 
+@app.command("pull-model")
+def pull_model(
+    name: str = typer.Argument(..., help="Hugging Face repo id (org/name), or org/name/file.gguf for one GGUF file."),
+    endpoint: Optional[str] = typer.Option(None, help="Hub URL (default: the registry entry's, else huggingface.co)."),
+) -> None:
+    """Download a model's weights into HF_CACHE_DIR (with progress), so its first request need not wait."""
+    from router.weights import locate, missing_extra, pull
+
+    s = settings()
+    found = locate(name, s.hf_cache_dir)
+    if found is not None:
+        out.print(f"{name} is already in {s.hf_cache_dir}: {found.folder}"
+                  + (f" ({found.gguf_file})" if found.gguf_file else ""))
+        return
+    if missing_extra() is not None:  # downloading needs only huggingface_hub, but serving needs the extra
+        print(f"warning: {missing_extra()} not installed: the router cannot serve it until "
+              "`pip install 'llm-router[hf]'`", file=sys.stderr)
+    if endpoint is None:
+        registry = store(s)
+        conn = registry.connect()
+        try:
+            entry = next((m for m in registry.load(conn)[0] if m.name == name), None)
+        finally:
+            conn.close()
+        endpoint = entry.endpoint if entry is not None else None
+    token = s.hugging_face_hub_token.get_secret_value() if s.hugging_face_hub_token else None
+    try:
+        ref = pull(name, s.hf_cache_dir, token, endpoint)  # huggingface_hub's progress bars on stderr
+    except ImportError:
+        fail("huggingface_hub is not installed: pip install 'llm-router[hf]'")
+    except Exception as exc:  # hub errors come in many types; the message is what matters
+        message = Scrubber([token] if token else [])(str(exc).splitlines()[0] if str(exc) else "")
+        fail(f"could not download {name}: {exc.__class__.__name__}: {message}")
+    out.print(f"pulled {name} into {ref.folder}" + (f" ({ref.gguf_file})" if ref.gguf_file else ""))
+
+
 @app.command("list-models")
 def list_models() -> None:
     """List the registry's models and the agents that announced themselves."""

@@ -84,6 +84,10 @@ def sse_error_tail(tail: bytes) -> bytes:
     return b"\n\n" if not tail.endswith(b"\n") else b"\n"
 
 
+#: failures that happened before the upstream answered anything: a request may go to another replica
+NOT_ANSWERED = frozenset({"upstream_unreachable", "upstream_disconnected"})
+
+
 class UpstreamClient:
     """One aiohttp session with a keep-alive pool, shared by all API providers (and by the Local Agent)."""
 
@@ -121,6 +125,13 @@ class UpstreamClient:
         assert self._session is not None, "UpstreamClient.start() was not awaited"
         try:
             return await self._session.post(url, data=body, headers=headers)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                raise self.transport_error(exc, provider, url) from None
+            # closed before any answer came (a kept-alive connection to a process that died, say):
+            # callers with another replica may retry there
+            raise RouterError(502, f"upstream {provider} at {urlsplit(str(url)).netloc} closed the connection "
+                              "before answering", code="upstream_disconnected") from None
         except BaseException as exc:  # noqa: BLE001 - mapped or re-raised below
             raise self.transport_error(exc, provider, url) from None
 

@@ -17,7 +17,7 @@ from yarl import URL
 
 from router.errors import RouterError
 from router.providers.base import ApiProvider, ChatCall, normalize_base_url
-from router.upstream import SSEResponse
+from router.upstream import NOT_ANSWERED, SSEResponse
 
 if TYPE_CHECKING:
     from pydantic import SecretStr
@@ -51,15 +51,15 @@ class LocalProvider(ApiProvider):
             try:
                 return await self._send(pool, agent, call)  # type: ignore[arg-type]
             except RouterError as exc:
-                if exc.code != "upstream_unreachable":
+                if exc.code not in NOT_ANSWERED:
                     raise
                 tried += (agent.name,)
         if tried:
             raise RouterError(502, f"no agent serving '{call.model}' could be reached (tried {', '.join(tried)})",
                               code="upstream_unreachable")
-        if self.fallback_url is None:
-            raise RouterError(500, f"no live agent serves '{call.model}' and LOCAL_AGENT_URL is not set",
-                              code="provider_not_configured")
+        if self.fallback_url is None:  # e.g. its agent is restarting a worker, or its heartbeats lapsed
+            raise RouterError(503, f"No live agent serves '{call.model}' right now (and LOCAL_AGENT_URL is not "
+                              "set); retry shortly.", code="no_live_agent", headers={"Retry-After": "5"})
         return await self.http.forward(self.type, self._chat_url(self.fallback_url), call.body,
                                        self.headers(), call.stream)
 

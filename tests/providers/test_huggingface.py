@@ -247,3 +247,15 @@ def test_router_without_torch_serves_api_models_and_names_the_extra(tmp_path: Pa
         "model": "tiny", "messages": HELLO}).status_code == 501)
     err = proc.http().post("/v1/chat/completions", json={"model": "tiny", "messages": HELLO}).json()["error"]
     assert "llm-router[hf]" in err["message"] and "torch" in err["message"]
+
+
+def test_pull_model_reports_cached_weights_and_fails_clearly_offline(tmp_path: Path, hf_cache: Path) -> None:
+    from tests.support.processes import run_cli
+
+    env = {"HF_CACHE_DIR": str(hf_cache), "HF_HUB_OFFLINE": "1", "HUGGING_FACE_HUB_TOKEN": "hf_secret_token_123"}
+    cached = run_cli(tmp_path, "pull-model", "smollm2", env=env)
+    assert cached.returncode == 0 and "already in" in cached.stdout and ".gguf" in cached.stdout
+    missing = run_cli(tmp_path, "pull-model", "org/not-here", env=env)
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("error: could not download org/not-here")
+    assert "hf_secret_token_123" not in missing.stderr + missing.stdout

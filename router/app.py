@@ -18,25 +18,11 @@ from starlette.types import Receive, Scope, Send
 
 from router.api import agents, chat, health, models
 from router.config import Settings, get_settings
-from router.errors import RouterError, error_body
+from router.errors import RouterError, error_body, http_error_response, router_error_response
 from router.observability import setup_logging
 from router.state import RouterState
 
 log = logging.getLogger("router")
-
-
-async def _router_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RouterError)
-    return exc.response()
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    message = "Not found" if exc.status_code == 404 else str(exc.detail)
-    if exc.status_code == 404:
-        message = f"Unknown request URL: {request.method} {request.url.path}."
-    return Response(error_body(message, exc.status_code, code="unknown_url" if exc.status_code == 404 else None),
-                    exc.status_code, headers=exc.headers, media_type="application/json")
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -70,7 +56,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
             Route("/ready", health.ready, methods=["GET"]),
             Route("/metrics", health.metrics, methods=["GET"]),
         ],
-        exception_handlers={RouterError: _router_error, HTTPException: _http_error, Exception: _unexpected},
+        exception_handlers={RouterError: router_error_response, HTTPException: http_error_response,
+                            Exception: _unexpected},
         lifespan=lifespan,
     )
     app.state.router = state

@@ -8,6 +8,8 @@ import re
 from collections.abc import Iterable, Mapping
 
 import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.responses import Response
 
 _TYPE_FOR_STATUS = {
@@ -59,6 +61,22 @@ class RouterError(Exception):
     def sse_event(self) -> bytes:
         """The final `data: {"error": ...}` event of a stream that failed midway."""
         return b"data: " + self.body() + b"\n\n"
+
+
+async def router_error_response(request: Request, exc: Exception) -> Response:
+    """Starlette exception handler: a RouterError as its OpenAI error response."""
+    assert isinstance(exc, RouterError)
+    return exc.response()
+
+
+async def http_error_response(request: Request, exc: Exception) -> Response:
+    """Starlette exception handler: its 404/405s as OpenAI errors."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return Response(error_body(f"Unknown request URL: {request.method} {request.url.path}.", 404,
+                                   code="unknown_url"), 404, media_type="application/json")
+    return Response(error_body(str(exc.detail), exc.status_code), exc.status_code, headers=exc.headers,
+                    media_type="application/json")
 
 
 # Anything that looks like a bearer/API key: OpenAI (sk-...), Anthropic (sk-ant-...),

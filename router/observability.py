@@ -56,6 +56,8 @@ class Metrics:
         self._models: set[str] = set()
         self.weights_loaded = Gauge("router_weights_loaded", "1 while a Hugging Face model is loaded in this process",
                                     ("model",), registry=self.registry, multiprocess_mode="livesum")
+        self.weights_waiting = Gauge("router_weights_waiting", "Requests waiting for a generation slot of a model",
+                                     ("model",), registry=self.registry, multiprocess_mode="livesum")
         self.weights_load_seconds = Histogram("router_weights_load_seconds", "Time to load a Hugging Face model",
                                               ("model",), registry=self.registry,
                                               buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600))

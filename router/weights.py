@@ -180,7 +180,7 @@ class LoadedModel:
 class WeightStore:
     """The models loaded in this process; at most `HF_MAX_LOADED_MODELS` of them."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
         self.loaded: OrderedDict[str, LoadedModel] = OrderedDict()
@@ -214,9 +214,8 @@ class WeightStore:
                 raise RouterError(500, f"Loading model '{name}' failed: {exc.__class__.__name__}: {exc}",
                                   code="model_load_failed") from None
             self.loaded[name] = lm
-            if self.metrics is not None:
-                self.metrics.weights_loaded.labels(name).set(1)
-                self.metrics.weights_load_seconds.labels(name).observe(lm.load_seconds)
+            self.metrics.weights_loaded.labels(name).set(1)
+            self.metrics.weights_load_seconds.labels(name).observe(lm.load_seconds)
             return lm
 
     def _victim(self) -> str:
@@ -233,8 +232,7 @@ class WeightStore:
         del lm
         gc.collect()
         release_memory(device)
-        if self.metrics is not None:
-            self.metrics.weights_loaded.labels(name).set(0)
+        self.metrics.weights_loaded.labels(name).set(0)
         log.info("unloaded %s (least recently used; HF_MAX_LOADED_MODELS=%d)", name,
                  self.settings.hf_max_loaded_models)
 
@@ -378,10 +376,7 @@ def generate(lm: LoadedModel, prompt_ids: list[int], sampling: Sampling, cancell
     from transformers.generation.streamers import BaseStreamer
 
     text = TextEmitter(lm.tokenizer, sampling.stop, emit)
-    room = lm.context - len(prompt_ids)
-    if room < 1:
-        raise RouterError(400, f"The prompt is {len(prompt_ids)} tokens; model '{lm.name}' has a context of "
-                          f"{lm.context}.", param="messages", code="context_length_exceeded")
+    room = lm.context - len(prompt_ids)  # >= 1: the provider refuses longer prompts
     max_new = min(sampling.max_tokens or room, room)
 
     class Streamer(BaseStreamer):

@@ -55,7 +55,8 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_chat(body: bytes) -> ChatCall:
+def parse_object(body: bytes) -> dict[str, Any]:
+    """The body parsed once, as a JSON object (else 400)."""
     try:
         payload: Any = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -63,6 +64,11 @@ def parse_chat(body: bytes) -> ChatCall:
                           code="invalid_json") from None
     if not isinstance(payload, dict):
         raise RouterError(400, "The request body must be a JSON object.", code="invalid_request")
+    return payload
+
+
+def parse_chat(body: bytes) -> ChatCall:
+    payload = parse_object(body)
     model = payload.get("model")
     if not isinstance(model, str) or not model.strip():
         msg = "you must provide a model parameter" if model is None else "'model' must be a non-empty string"

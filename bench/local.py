@@ -34,16 +34,19 @@ def stream_once(client: openai.OpenAI, model: str) -> tuple[float, float, int]:
     """(seconds to the first content token, tokens/s after it, completion tokens)."""
     started = time.perf_counter()
     first = None
-    usage = 0
+    usage = pieces = 0
     for chunk in client.chat.completions.create(model=model, messages=PROMPT, max_tokens=TOKENS, temperature=0,
                                                 stream=True, stream_options={"include_usage": True}):
-        if first is None and chunk.choices and chunk.choices[0].delta.content:
-            first = time.perf_counter()
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces += 1
+            if first is None:
+                first = time.perf_counter()
         if chunk.usage is not None:
             usage = chunk.usage.completion_tokens
     end = time.perf_counter()
     assert first is not None, "no content"
-    return first - started, (usage - 1) / max(end - first, 1e-9), usage
+    tokens = usage or pieces  # llama.cpp's server sends no usage chunk: one piece per token there
+    return first - started, (tokens - 1) / max(end - first, 1e-9), tokens
 
 
 def measure(base_url: str, model: str, api_key: str = "bench") -> dict[str, float]:
@@ -57,7 +60,8 @@ def measure(base_url: str, model: str, api_key: str = "bench") -> dict[str, floa
 
 
 def row(name: str, m: dict[str, float], note: str = "") -> None:
-    print(f"| {name} | {m['first_request_s']:.1f} s | {m['ttft_ms']:.0f} ms | {m['tokens_per_s']:.0f} | {note} |")
+    print(f"| {name} | {m['first_request_s']:.1f} s | {m['ttft_ms']:.0f} ms | {m['tokens_per_s']:.0f} "
+          f"| {m['tokens']:.0f} | {note} |")
 
 
 def main() -> None:
@@ -70,8 +74,8 @@ def main() -> None:
     (cache / "smollm2").mkdir()
     (cache / "smollm2" / gguf.name).symlink_to(gguf)
     print(f"median of {RUNS} greedy streams of {TOKENS} tokens; 'first request' includes loading the model\n")
-    print("| path | first request | first token | tokens/s | note |")
-    print("|---|---|---|---|---|")
+    print("| path | first request | first token | tokens/s | tokens | note |")
+    print("|---|---|---|---|---|---|")
 
     router = RouterProcess(work / "router", {"HF_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1",
                                              "CACHE_MODE": "off", "LOCAL_AGENT_URL": "", "LOG_LEVEL": "WARNING"})
@@ -117,7 +121,7 @@ def main() -> None:
             finally:
                 vagent.stop(60)
         else:
-            print("| router → agent → vLLM | — | — | — | skipped: run `make vllm` first |")
+            print("| router → agent → vLLM | — | — | — | — | skipped: run `make vllm` first |")
     finally:
         agent.stop()
         llama.stop()

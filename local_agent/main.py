@@ -143,6 +143,7 @@ class Agent:
         return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
 
     async def workers(self, request: Request) -> Response:
+        self.authorize(request.scope)  # commands and errors may carry what only operators should see
         return Response(orjson.dumps({
             "agent": self.settings.name,
             "endpoint": self.settings.endpoint,

@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     venice_base_url: str = "https://api.venice.ai/api"
     external_venice_key: SecretStr | None = None
     hf_cache_dir: str = "data/hf_models"
-    hf_device: str = "cpu"
+    hf_device: str = Field("cpu", pattern=r"^(cpu|auto|mps|cuda(:\d+)?)$")  # cpu, cuda, cuda:N, mps, auto
     hugging_face_hub_token: SecretStr | None = None
     hf_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: float32 on CPU, else the checkpoint's
     hf_max_loaded_models: int = Field(1, ge=1)

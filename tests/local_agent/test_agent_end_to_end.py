@@ -112,9 +112,11 @@ def test_chat_through_router_agent_and_llama_cpp(start_router, start_agent, llam
     completion = httpx.post(agent.url + "/v1/completions", headers={"Authorization": f"Bearer {TOKEN}"},
                             timeout=60, json={"model": "local-smollm2", "prompt": "Paris is", "max_tokens": 5})
     assert completion.status_code == 200 and completion.json()["choices"][0]["text"]
-    # the agent refuses clients without the token
+    # the agent refuses clients without the token (its health stays open for probes)
     refused = httpx.post(agent.url + "/v1/chat/completions", json={"model": "local-smollm2", "messages": QUESTION})
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(agent.url + "/workers").status_code == 401
+    assert httpx.get(agent.url + "/health").status_code == 200
 
 
 def test_worker_failures_are_openai_errors_not_hangs(start_agent, llama: LlamaCppServer) -> None:

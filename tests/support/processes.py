@@ -150,6 +150,8 @@ class AgentProcess(Service):
                  port: int | None = None) -> None:
         super().__init__(workdir, env, port)
         config = {"endpoint": f"http://127.0.0.1:{self.port}", "log_dir": str(workdir / "logs"), **config}
+        token = config.get("router_token")
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.config_path = workdir / f"agent-{self.port}.yaml"
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(config))
@@ -163,7 +165,9 @@ class AgentProcess(Service):
         return super().start(timeout)  # type: ignore[no-any-return]
 
     def workers(self) -> dict[str, object]:
-        return httpx.get(self.url + "/workers", timeout=5).json()
+        resp = httpx.get(self.url + "/workers", headers=self.headers, timeout=5)
+        resp.raise_for_status()
+        return resp.json()
 
 
 class LlamaCppServer(Service):

@@ -208,11 +208,13 @@ def pull_model(
     name: str = typer.Argument(..., help="Hugging Face repo id (org/name), or org/name/file.gguf for one GGUF file."),
     endpoint: Optional[str] = typer.Option(None, help="Hub URL (default: the registry entry's, else huggingface.co)."),
 ) -> None:
-    """Download a model's weights into HF_CACHE_DIR (with progress), so its first request need not wait."""
-    from router.weights import locate, missing_extra, pull
+    """Download a model's weights into HF_CACHE_DIR (with progress), so its first request need not wait.
+
+    What is cached already is kept; an interrupted download is completed."""
+    from router.weights import locate_folder, missing_extra, pull
 
     s = settings()
-    found = locate(name, s.hf_cache_dir)
+    found = locate_folder(name, s.hf_cache_dir)  # a plain folder is used as it is; a hub snapshot is completed
     if found is not None:
         out.print(f"{name} is already in {s.hf_cache_dir}: {found.folder}"
                   + (f" ({found.gguf_file})" if found.gguf_file else ""))

@@ -80,25 +80,38 @@ def _in_folder(folder: Path, gguf: str | None) -> WeightsRef | None:
     return WeightsRef(folder, ggufs[0]) if ggufs else None
 
 
-def locate(name: str, cache_dir: str | Path) -> WeightsRef | None:
-    """Weights for `name` already on disk, or None."""
-    root = Path(cache_dir).expanduser()
-    plain = root / name
+def locate_folder(name: str, cache_dir: str | Path) -> WeightsRef | None:
+    """Weights for `name` as a plain folder (or GGUF file) under the cache, or None."""
+    plain = Path(cache_dir).expanduser() / name
     if plain.is_file() and plain.suffix == ".gguf":
         return WeightsRef(plain.parent, plain.name)
-    if plain.is_dir() and (ref := _in_folder(plain, None)) is not None:
-        return ref
-    repo, gguf = split_gguf(name)
-    hub = root / ("models--" + repo.replace("/", "--"))
-    snapshots = hub / "snapshots"
-    if snapshots.is_dir():
-        main = hub / "refs" / "main"
-        candidates = [snapshots / main.read_text().strip()] if main.is_file() else []
-        candidates += sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
-        for snapshot in candidates:
-            if snapshot.is_dir() and (ref := _in_folder(snapshot, gguf)) is not None:
-                return ref
+    if plain.is_dir():
+        return _in_folder(plain, None)
     return None
+
+
+def locate_snapshot(name: str, cache_dir: str | Path) -> WeightsRef | None:
+    """Weights for `name` in the hub cache layout (`models--org--name/snapshots/...`), or None.
+
+    A snapshot may be incomplete (an interrupted download): use it as is only
+    offline; otherwise `pull` completes it."""
+    repo, gguf = split_gguf(name)
+    hub = Path(cache_dir).expanduser() / ("models--" + repo.replace("/", "--"))
+    snapshots = hub / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    main = hub / "refs" / "main"
+    candidates = [snapshots / main.read_text().strip()] if main.is_file() else []
+    candidates += sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    for snapshot in candidates:
+        if snapshot.is_dir() and (ref := _in_folder(snapshot, gguf)) is not None:
+            return ref
+    return None
+
+
+def locate(name: str, cache_dir: str | Path) -> WeightsRef | None:
+    """Weights for `name` already on disk, or None."""
+    return locate_folder(name, cache_dir) or locate_snapshot(name, cache_dir)
 
 
 def pull(name: str, cache_dir: str | Path, token: str | None = None, endpoint: str | None = None,
@@ -129,19 +142,22 @@ def _logging_tqdm() -> Any:
 
     class LogProgress(tqdm):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-            self._seen = 0
+            self._label = str(kwargs.get("desc") or "")
+            self._size = float(kwargs.get("total") or 0)
+            self._seen = 0.0
             self._tenth = -1
+            kwargs["disable"] = True  # no terminal bar; a disabled tqdm keeps few attributes, hence ours above
+            super().__init__(*args, **kwargs)
 
         def update(self, n: float | None = 1) -> bool | None:
             self._seen += n or 0
-            total = self.total or 0
+            total = getattr(self, "total", None) or self._size
             if total:
-                tenth = int(10 * self._seen / total)
+                tenth = min(10, int(10 * self._seen / total))
                 if tenth != self._tenth:
                     self._tenth = tenth
-                    log.info("download %s: %d%% of %.1f MB", self.desc or "", 10 * tenth, total / 1e6)
+                    log.info("download %s: %d%% of %s", self._label, 10 * tenth,
+                             f"{total / 1e6:.1f} MB" if total > 1000 else f"{total:.0f} files")
             return None
 
     return LogProgress
@@ -248,11 +264,13 @@ class WeightStore:
         hf_logging.disable_progress_bar()  # progress goes to our log lines, not bars on stderr
         s = self.settings
         started = time.perf_counter()
-        ref = locate(name, s.hf_cache_dir)
-        if ref is None:
-            if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        ref = locate_folder(name, s.hf_cache_dir)
+        if ref is None and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+            ref = locate_snapshot(name, s.hf_cache_dir)
+            if ref is None:
                 raise FileNotFoundError(f"not in HF_CACHE_DIR={s.hf_cache_dir} and HF_HUB_OFFLINE is set")
-            log.info("%s is not in %s: downloading it", name, s.hf_cache_dir)
+        if ref is None:  # the hub: fetches what the cache lacks (resuming a partial download), else uses it
+            log.info("%s: fetching from the hub into %s (what is cached is kept)", name, s.hf_cache_dir)
             token = s.hugging_face_hub_token.get_secret_value() if s.hugging_face_hub_token else None
             try:
                 ref = pull(name, s.hf_cache_dir, token, endpoint, _logging_tqdm())

@@ -265,3 +265,51 @@ def test_pull_model_reports_cached_weights_and_fails_clearly_offline(tmp_path: P
     assert missing.returncode == 1
     assert missing.stderr.startswith("error: could not download org/not-here")
     assert "hf_secret_token_123" not in missing.stderr + missing.stdout
+
+
+@pytest.fixture()
+def hub(hf_cache: Path):  # type: ignore[no-untyped-def]
+    from tests.support.hf_hub_stub import HubStub
+
+    stub = HubStub({"test-org/tiny-chat": hf_cache / "tiny"}, token="hf_stub_token_0123456789").start()
+    yield stub
+    stub.stop()
+
+
+def test_pull_model_downloads_with_progress_then_the_router_serves_it(tmp_path: Path, hub, start_router) -> None:
+    from tests.support.hf_hub_stub import SHA
+    from tests.support.processes import run_cli
+
+    cache = tmp_path / "cache"
+    env = {"HF_CACHE_DIR": str(cache), "HUGGING_FACE_HUB_TOKEN": "hf_stub_token_0123456789"}
+    pulled = run_cli(tmp_path, "pull-model", "test-org/tiny-chat", "--endpoint", hub.url, env=env)
+    assert pulled.returncode == 0, pulled.stderr
+    snapshot = cache / "models--test-org--tiny-chat" / "snapshots" / SHA
+    assert (snapshot / "config.json").is_file() and (snapshot / "model.safetensors").is_file()
+    assert "pulled test-org/tiny-chat" in pulled.stdout
+    assert "100%" in pulled.stderr  # huggingface_hub's progress bars
+    assert "hf_stub_token_0123456789" not in pulled.stdout + pulled.stderr
+    assert all(r.headers.get("Authorization") == "Bearer hf_stub_token_0123456789" for r in hub.requests)
+    # an interrupted download (a file gone) is completed by pulling again; complete files are not fetched again
+    (snapshot / "tokenizer.json").unlink()
+    fetched = len([r for r in hub.requests if r.path.endswith("/model.safetensors")])
+    again = run_cli(tmp_path, "pull-model", "test-org/tiny-chat", "--endpoint", hub.url, env=env)
+    assert again.returncode == 0 and (snapshot / "tokenizer.json").is_file()
+    assert len([r for r in hub.requests if r.path.endswith("/model.safetensors")]) == fetched
+
+    router = start_router({**env, "HF_HUB_OFFLINE": "1", "CACHE_MODE": "off", "LOCAL_AGENT_URL": ""})
+    assert router.cli("add-model", "test-org/tiny-chat", "huggingface", hub.url, "weight").returncode == 0
+    assert wait_for(lambda: router.http().post("/v1/chat/completions", timeout=120, json={
+        "model": "test-org/tiny-chat", "messages": HELLO, "max_tokens": 3}).status_code == 200, timeout=60)
+
+
+def test_first_request_downloads_missing_weights(tmp_path: Path, hub, start_router) -> None:
+    env = {"HF_CACHE_DIR": str(tmp_path / "cache"), "HUGGING_FACE_HUB_TOKEN": "hf_stub_token_0123456789",
+           "CACHE_MODE": "off", "LOCAL_AGENT_URL": ""}
+    router = start_router(env)
+    assert router.cli("add-model", "test-org/tiny-chat", "huggingface", hub.url, "weight").returncode == 0
+    assert wait_for(lambda: router.http().post("/v1/chat/completions", timeout=120, json={
+        "model": "test-org/tiny-chat", "messages": HELLO, "max_tokens": 3}).status_code == 200, timeout=60)
+    log = router.output()
+    assert "fetching from the hub" in log and "100% of" in log  # progress in the log
+    assert "hf_stub_token_0123456789" not in log

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from abc import ABC, abstractmethod
 import signal
 import socket
 import subprocess
@@ -46,7 +47,7 @@ def run_cli(workdir: Path, *args: str, env: dict[str, str] | None = None,
                           capture_output=True, text=True, timeout=timeout)
 
 
-class Service:
+class Service(ABC):
     """A server in a child process (own process group) that answers GET `health_path` with 200 when ready."""
 
     name = "service"
@@ -59,8 +60,9 @@ class Service:
         self.log_path = workdir / f"{self.name}-{self.port}.out"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @abstractmethod
     def command(self) -> list[str]:
-        raise NotImplementedError
+        """The argv that starts it."""
 
     @property
     def url(self) -> str:

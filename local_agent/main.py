@@ -113,12 +113,12 @@ class Agent:
             response = await self.http.forward(f"worker {worker.spec.model}", worker.urls[path], body,
                                                self.headers, stream)
         except BaseException:
-            worker.in_flight -= 1
+            worker.done()
             raise
         if isinstance(response, SSEResponse):
             response.on_close.append(worker.done)
         else:
-            worker.in_flight -= 1
+            worker.done()
         return response
 
     def _unavailable(self, model: str, tried: tuple[Worker, ...]) -> RouterError:

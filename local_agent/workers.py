@@ -49,7 +49,7 @@ class Worker:
         self.upstream_model = spec.upstream_model if spec.upstream_model not in (None, spec.model) else None
 
     def done(self) -> None:
-        """A streamed request to this worker ended."""
+        """A request to this worker ended (answered, streamed to the end, or failed)."""
         self.in_flight -= 1
 
     @property

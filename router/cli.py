@@ -219,8 +219,9 @@ def pull_model(
         out.print(f"{name} is already in {s.hf_cache_dir}: {found.folder}"
                   + (f" ({found.gguf_file})" if found.gguf_file else ""))
         return
-    if missing_extra() is not None:  # downloading needs only huggingface_hub, but serving needs the extra
-        print(f"warning: {missing_extra()} not installed: the router cannot serve it until "
+    missing = missing_extra()
+    if missing is not None:  # downloading needs only huggingface_hub, but serving needs the extra
+        print(f"warning: {missing} not installed: the router cannot serve it until "
               "`pip install 'llm-router[hf]'`", file=sys.stderr)
     if endpoint is None:
         registry = store(s)

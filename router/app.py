@@ -20,6 +20,7 @@ from router.api import agents, chat, health, models
 from router.config import Settings, get_settings
 from router.errors import RouterError, error_body, http_error_response, router_error_response
 from router.observability import setup_logging
+from router.server import RouterHttpProtocol
 from router.state import RouterState
 
 log = logging.getLogger("router")
@@ -31,9 +32,10 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
                                code="internal_error"), 500, media_type="application/json")
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None) -> RouterApp:
     settings = settings or get_settings()
     setup_logging(settings)
+    RouterHttpProtocol.configure(settings)  # `router serve`'s protocol, in this worker
     state = RouterState(settings)
 
     @asynccontextmanager

@@ -5,6 +5,9 @@ in flight. With several workers (`router serve --workers N`) the values live in
 prometheus-client's multiprocess files and `/metrics` sums them.
 Logs: `LOG_DIR/router.log`, rotated at midnight, written by a background
 thread (a queue handler), so logging never puts disk I/O on the request path.
+Control characters in a logged message are escaped (`LineFormatter`), so a
+value from a client (a model name with a newline) can never forge a line;
+only a traceback spans several lines.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import os
 import queue
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import disable_created_metrics, multiprocess
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client import disable_created_metrics
 
 from router.config import Settings
 
@@ -95,15 +98,54 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+# C0 controls but tab, DEL, C1 controls (NEL included) and the Unicode line and paragraph separators
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0)) if c != 0x09}
+_ESCAPES.update({0x0A: "\\n", 0x0D: "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def escape_controls(text: str) -> str:
+    """`text` with control characters written as Python escapes (`\\n`, `\\x1b`): always one line."""
+    return text.translate(_ESCAPES)
+
+
+class LineFormatter(logging.Formatter):
+    """Escapes control characters in the formatted message (after %-formatting), never in the traceback
+    that `format` appends, so one record is one line plus its traceback."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().formatMessage(record))
+
+
+def console_handler(fmt: str) -> logging.Handler:
+    """A stderr handler whose lines are escaped (the Local Agent's)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(LineFormatter(fmt))
+    return handler
+
+
 _listener: logging.handlers.QueueListener | None = None
+
+
+def stop_logging() -> None:
+    """Write out what is queued and stop the writer thread."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        for handler in _listener.handlers:
+            handler.close()
+        _listener = None
+
+
+atexit.register(stop_logging)
 
 
 def setup_logging(settings: Settings) -> None:
     """Route the `router` and uvicorn loggers through a queue to file and stderr."""
     global _listener
-    if _listener is not None:
-        _listener.stop()
+    stop_logging()
     os.makedirs(settings.log_dir, exist_ok=True)
+    # the message is formatted and escaped once, by the queue handler, in the thread that logs; the writer
+    # thread's handlers add the prefix to a message that may hold a traceback's lines, and escape nothing
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
     file_handler = logging.handlers.TimedRotatingFileHandler(
         os.path.join(settings.log_dir, "router.log"), when="midnight", backupCount=14, encoding="utf-8")
@@ -113,8 +155,8 @@ def setup_logging(settings: Settings) -> None:
     q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     _listener = logging.handlers.QueueListener(q, file_handler, console, respect_handler_level=False)
     _listener.start()
-    atexit.register(_listener.stop)
     handler = logging.handlers.QueueHandler(q)
+    handler.setFormatter(LineFormatter("%(message)s"))
     for name in ("router", "uvicorn.error"):
         logger = logging.getLogger(name)
         logger.handlers = [handler]

@@ -173,13 +173,13 @@ class RateLimiter:
         if outcomes is None:  # Redis down and RATE_LIMIT_ON_REDIS_FAILURE=open
             return []
         headers: list[tuple[bytes, bytes]] = []
-        for limit, outcome in zip(limits, outcomes):
+        for limit, outcome in zip(limits, outcomes, strict=True):
             if limit.scope == "client":
                 kind = limit.kind.encode()
                 headers += [(b"x-ratelimit-limit-" + kind, str(limit.rate).encode()),
                             (b"x-ratelimit-remaining-" + kind, str(outcome.remaining).encode()),
                             (b"x-ratelimit-reset-" + kind, duration(outcome.reset).encode())]
-        for limit, outcome in zip(limits, outcomes):
+        for limit, outcome in zip(limits, outcomes, strict=True):
             if not outcome.allowed:
                 self.metrics.rate_limited.labels(limit.scope, limit.kind).inc()
                 who = f"model '{call.model}'" if limit.scope == "model" else f"client '{client.label}'"
@@ -199,7 +199,7 @@ class RateLimiter:
             args += [limit.rate, limit.cost]
         script = self.script
         try:
-            raw = await self.redis.run("ratelimit", lambda: script(keys=[l.key for l in limits], args=args))
+            raw = await self.redis.run("ratelimit", lambda: script(keys=[lim.key for lim in limits], args=args))
         except RedisUnavailable:
             if self.on_redis_failure == "open":
                 return None

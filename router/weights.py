@@ -29,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from router.errors import RouterError
 
@@ -135,7 +135,7 @@ def _logging_tqdm() -> Any:
     """A tqdm that reports download progress to the log (every 10%) instead of a terminal."""
     from tqdm.auto import tqdm
 
-    class LogProgress(tqdm):  # type: ignore[misc, valid-type]
+    class LogProgress(tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             self._label = str(kwargs.get("desc") or "")
             self._size = float(kwargs.get("total") or 0)
@@ -281,7 +281,7 @@ class WeightStore:
                  device)
         tokenizer = AutoTokenizer.from_pretrained(ref.folder, **extra)
         model = AutoModelForCausalLM.from_pretrained(ref.folder, dtype=dtype, **extra)
-        model.to(device)
+        cast(Any, model).to(device)  # transformers types `to` through a decorator mypy cannot follow
         model.eval()
         seconds = time.perf_counter() - started
         context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 4096

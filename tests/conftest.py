@@ -64,7 +64,7 @@ GOOGLE_KEY = "AIzaTest0123456789abcdef"
 
 
 @pytest.fixture(scope="session")
-def anthropic_upstream() -> Iterator["AnthropicStub"]:
+def anthropic_upstream() -> Iterator[AnthropicStub]:
     from tests.support.anthropic_stub import AnthropicStub
 
     stub = AnthropicStub(ANTHROPIC_KEY).start()
@@ -73,7 +73,7 @@ def anthropic_upstream() -> Iterator["AnthropicStub"]:
 
 
 @pytest.fixture(scope="session")
-def gemini_upstream() -> Iterator["GeminiStub"]:
+def gemini_upstream() -> Iterator[GeminiStub]:
     from tests.support.gemini_stub import GeminiStub
 
     stub = GeminiStub(GOOGLE_KEY).start()
@@ -108,7 +108,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture()
-def redis_server(tmp_path: Path) -> Iterator["RedisServer"]:
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server of this test's own, which the test may kill and restart."""
     from tests.support.redis_server import RedisServer
 

@@ -48,8 +48,8 @@ def test_hit_is_served_without_the_upstream(start_router, stub: OpenAIStub) -> N
 def test_stream_is_recorded_and_replayed_and_crosses_modes(start_router, stub: OpenAIStub) -> None:
     router = start_router(upstream_env(stub))
     client = router.client()
-    request = dict(model="gpt-tools", messages=X, temperature=0, tools=[
-        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}])
+    request = {"model": "gpt-tools", "messages": X, "temperature": 0, "tools": [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]}
 
     with client.chat.completions.stream(**request, stream_options={"include_usage": True}) as s:
         for _ in s:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from router.config import ConfigError, load_settings
-from tests.support.processes import clean_env
+from tests.support.processes import CONFIG_PREFIXES, clean_env
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def limit_in_413(router) -> str:
@@ -40,22 +43,37 @@ def test_smart_routing_weights_from_pyproject(tmp_path: Path, monkeypatch: pytes
     assert load_settings().router_cost_weight == 2.0
 
 
-def test_design_sample_env_file_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The design's sample .env, empty LLMD_ENDPOINT included, is a valid configuration."""
+@pytest.fixture()
+def bare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working folder and none of our variables in the environment."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / ".env").write_text(
-        "SQLITE_DB_PATH=data/models.db\nLOCAL_AGENT_URL=http://local_agent:5000\n"
-        "OPENAI_BASE_URL=https://api.openai.com\nEXTERNAL_OPENAI_KEY=sk-...\nLLMD_ENDPOINT=\n"
-        "HF_CACHE_DIR=data/hf_models\nHF_DEVICE=cpu\nHUGGING_FACE_HUB_TOKEN=\nRATE_LIMIT_REQUESTS=60\n")
+    for name in list(os.environ):
+        if name.startswith(CONFIG_PREFIXES):
+            monkeypatch.delenv(name)
+    return tmp_path
+
+
+def test_shipped_env_example_is_the_design_sample_and_loads(bare: Path) -> None:
+    """`.env.example`, copied to `.env` as the README says, is a valid configuration with the design's values."""
+    (bare / ".env").write_text((ROOT / ".env.example").read_text())
     s = load_settings()
-    assert s.llmd_endpoint is None and s.hugging_face_hub_token is None
-    assert s.external_openai_key is not None and "sk-..." not in repr(s)
     assert s.rate_limit_requests == 60
+    assert s.sqlite_db_path == "data/models.db" and s.local_agent_url == "http://local_agent:5000"
+    assert s.llmd_endpoint is None and s.hugging_face_hub_token is None  # empty means unset
+    assert s.external_openai_key is not None and "sk-..." not in repr(s)
+    assert (s.hf_cache_dir, s.hf_device) == ("data/hf_models", "cpu")
+    assert (s.router_cost_weight, s.router_latency_weight, s.router_cost_threshold) == (1.0, 1.0, 1000)
+
+
+def test_rate_limits_are_off_by_default(bare: Path) -> None:
+    assert load_settings().rate_limit_requests == 0 and load_settings().rate_limit_tokens == 0
 
 
 @pytest.mark.parametrize("var, value", [("AGENT_TTL", "soon"), ("ROUTER_PORT", "70000"),
                                         ("LOG_LEVEL", "LOUD"), ("UPSTREAM_TIMEOUT", "-1"),
-                                        ("HF_DEVICE", "gpu"), ("HF_MAX_LOADED_MODELS", "0")])
+                                        ("HF_DEVICE", "gpu"), ("HF_MAX_LOADED_MODELS", "0"),
+                                        ("ROUTER_AGENT_NETWORKS", "10.0.0.0/8,bogus"),
+                                        ("ROUTER_INSTANCE_ID", "has space")])
 def test_invalid_value_fails_startup_naming_the_variable(tmp_path: Path, var: str, value: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "router.cli", "serve"], cwd=tmp_path,
                           env=clean_env(tmp_path, {var: value}), capture_output=True, text=True, timeout=30)

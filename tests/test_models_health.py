@@ -10,7 +10,8 @@ from tests.support.schema import assert_valid
 
 def test_models_list_has_registry_agent_and_dummy_models(start_router, tmp_path: Path) -> None:
     router = start_router()
-    assert router.cli("add-model", "meta-llama/Llama-3", "huggingface", "https://huggingface.co", "weight").returncode == 0
+    added = router.cli("add-model", "meta-llama/Llama-3", "huggingface", "https://huggingface.co", "weight")
+    assert added.returncode == 0
     with router.http() as http:
         assert http.post("/register", json={"name": "gpu", "endpoint": "http://127.0.0.1:5000",
                                             "models": ["agent-model"]}).status_code == 200

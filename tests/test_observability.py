@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import sys
 from pathlib import Path
 
+from router.config import Settings
+from router.observability import LineFormatter, setup_logging, stop_logging
 from tests.conftest import UPSTREAM_KEY
 from tests.support.openai_stub import OpenAIStub, wait_for
+from tests.support.processes import AgentProcess, free_port
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -63,3 +68,81 @@ def test_log_file_written_and_secrets_kept_out(start_router, tmp_path: Path, ope
     assert "DEBUG" in text  # LOG_LEVEL is honoured
     for secret in (UPSTREAM_KEY, "tok-secret-123", "client-secret-key"):
         assert secret not in text
+
+
+FORGED = "x\nFAKE 2026-01-01 CRITICAL forged"
+
+
+def test_control_characters_in_a_logged_model_name_stay_on_one_line(start_router, tmp_path: Path) -> None:
+    """A model name with a newline is logged (a huggingface model fetched from an unreachable hub) as one line."""
+    router = start_router({"HF_CACHE_DIR": str(tmp_path / "hf")})
+    dead_hub = f"http://127.0.0.1:{free_port()}"
+    assert router.cli("add-model", FORGED, "huggingface", dead_hub, "weight").returncode == 0
+    with router.http() as http:
+        assert wait_for(lambda: FORGED in [m["id"] for m in http.get("/v1/models").json()["data"]], 5)
+        resp = http.post("/v1/chat/completions", json={"model": FORGED, "messages": MSG})
+    assert resp.status_code == 404, resp.text
+    log = tmp_path / "logs" / "router.log"
+    assert wait_for(lambda: log.exists() and "fetching from the hub" in log.read_text(), 5)
+    lines = log.read_text().splitlines()
+    assert [line for line in lines if "FAKE" in line] == [
+        line for line in lines if "x\\nFAKE 2026-01-01 CRITICAL forged: fetching from the hub" in line]
+    assert len([line for line in lines if "FAKE" in line]) == 1
+    assert not any(line.startswith("FAKE") for line in lines)
+
+
+def record(msg: str, *args: object, exc: bool = False) -> logging.LogRecord:
+    exc_info = None
+    if exc:
+        try:
+            raise ValueError("boom\nsecond line")
+        except ValueError:
+            exc_info = sys.exc_info()
+    return logging.LogRecord("router", logging.ERROR, __file__, 1, msg, args, exc_info)
+
+
+def test_line_formatter_escapes_control_characters_after_formatting() -> None:
+    fmt = LineFormatter("%(levelname)s %(message)s")
+    out = fmt.format(record("model %s: %r", "a\r\nb\x1b[31m\x00\x7f\x85\u2028\u2029c\td", {"k": "v\n"}))
+    assert out == "ERROR model a\\r\\nb\\x1b[31m\\x00\\x7f\\x85\\u2028\\u2029c\td: {'k': 'v\\n'}"
+    assert len(out.splitlines()) == 1
+    assert fmt.format(record("plain ascii, é and 日本")) == "ERROR plain ascii, é and 日本"
+
+
+def test_line_formatter_keeps_tracebacks_multi_line() -> None:
+    out = LineFormatter("%(message)s").format(record("failed for %s", "m\nFAKE", exc=True))
+    first, *rest = out.splitlines()
+    assert first == "failed for m\\nFAKE"
+    assert rest[0] == "Traceback (most recent call last):" and "ValueError: boom" in rest
+
+
+def test_queue_handler_and_file_keep_one_line_per_record(tmp_path: Path) -> None:
+    """setup_logging: the message is escaped once, before the queue; the traceback reaches the file as lines."""
+    setup_logging(Settings(log_dir=str(tmp_path), log_level="INFO"))  # type: ignore[call-arg]
+    logger = logging.getLogger("router.test")
+    try:
+        logger.info("model %s", FORGED)
+        try:
+            raise RuntimeError("inner")
+        except RuntimeError:
+            logger.exception("unhandled error serving model %s", FORGED)
+    finally:
+        stop_logging()
+    lines = (tmp_path / "router.log").read_text().splitlines()
+    assert [line for line in lines if "FAKE" in line] == [lines[0], lines[1]]
+    assert lines[0].endswith("router.test: model x\\nFAKE 2026-01-01 CRITICAL forged")
+    assert lines[2] == "Traceback (most recent call last):" and lines[-1] == "RuntimeError: inner"
+
+
+def test_local_agent_log_lines_are_escaped(tmp_path: Path) -> None:
+    """The Local Agent's own logging: a worker named with a newline is logged on one line."""
+    agent = AgentProcess(tmp_path, {"workers": [{"model": FORGED, "launcher": "external",
+                                                 "url": f"http://127.0.0.1:{free_port()}/v1"}]})
+    try:
+        agent.start()
+        assert wait_for(lambda: "FAKE" in agent.output(), 10)
+    finally:
+        agent.stop()
+    lines = agent.output().splitlines()
+    assert any("x\\nFAKE 2026-01-01 CRITICAL forged" in line for line in lines)
+    assert not any(line.startswith("FAKE") for line in lines)

@@ -24,6 +24,15 @@ def post(router: RouterProcess, body: dict = DUMMY, key: str | None = None) -> h
         return http.post("/v1/chat/completions", json=body, headers=headers)
 
 
+def test_no_limit_unless_configured(start_router) -> None:
+    """The default: a batch job from one client is never throttled, and no limit headers are sent."""
+    router = start_router()
+    with router.http() as http:
+        answers = [http.post("/v1/chat/completions", json=DUMMY) for _ in range(100)]
+    assert {a.status_code for a in answers} == {200}
+    assert not any(name.startswith("x-ratelimit") for a in answers for name in a.headers)
+
+
 def test_requests_per_minute_with_openai_headers(start_router) -> None:
     router = start_router({"RATE_LIMIT_REQUESTS": "3"})
     answers = [post(router) for _ in range(4)]

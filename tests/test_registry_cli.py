@@ -15,7 +15,8 @@ from tests.support.processes import free_port, run_cli
 
 def db_digest(workdir: Path) -> str:
     conn = sqlite3.connect(workdir / "data" / "models.db")
-    rows = conn.execute("SELECT name, type, endpoint, kind, created_at, updated_at FROM models ORDER BY name").fetchall()
+    rows = conn.execute(
+        "SELECT name, type, endpoint, kind, created_at, updated_at FROM models ORDER BY name").fetchall()
     conn.close()
     return hashlib.sha256(repr(rows).encode()).hexdigest()
 

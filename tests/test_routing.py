@@ -81,9 +81,11 @@ def test_registry_type_wins_over_prefix(routed, stub: OpenAIStub) -> None:
     # a gpt-looking name registered as local goes to the agent, a claude-looking one as openai to OpenAI
     assert proc.cli("add-model", "gpt-but-local", "local", agent.url, "api").returncode == 0
     assert proc.cli("add-model", "claude-via-openai", "openai", stub.url + "/v1", "api").returncode == 0
-    assert proc.cli("add-model", "my-gemini", "google", "https://generativelanguage.googleapis.com", "api").returncode == 0
+    gemini = proc.cli("add-model", "my-gemini", "google", "https://generativelanguage.googleapis.com", "api")
+    assert gemini.returncode == 0
     client = proc.client()
-    assert wait_for(lambda: {"gpt-but-local", "claude-via-openai", "my-gemini"} <= {m.id for m in client.models.list().data})
+    wanted = {"gpt-but-local", "claude-via-openai", "my-gemini"}
+    assert wait_for(lambda: wanted <= {m.id for m in client.models.list().data})
     agent.reset()
     assert post(proc, "gpt-but-local").json()["choices"][0]["message"]["content"] == "Hello from local-agent"
     assert post(proc, "claude-via-openai").json()["choices"][0]["message"]["content"] == "Hello from openai"

@@ -46,7 +46,7 @@ def assert_stream_matches(router: RouterProcess, **request: Any) -> Any:
             pass
         final = stream.get_final_completion()
     assert len(final.choices) == len(plain.choices)
-    for a, b in zip(final.choices, plain.choices):
+    for a, b in zip(final.choices, plain.choices, strict=True):
         assert a.message.content == b.message.content
         assert a.finish_reason == b.finish_reason
         calls_a = [(c.function.name, orjson.loads(c.function.arguments)) for c in a.message.tool_calls or []]

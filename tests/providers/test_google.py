@@ -41,7 +41,8 @@ def test_request_translation(hosted: RouterProcess, upstream: GeminiStub) -> Non
             {"role": "user", "content": [{"type": "text", "text": "Weather?"},
                                          {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}]},
             {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "call_w", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+                {"id": "call_w", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
             {"role": "assistant", "content": "One moment."},  # a text-only turn between the call and its result
             {"role": "tool", "tool_call_id": "call_w", "content": '{"temp": 18}'},
             {"role": "developer", "content": "Answer in French."},

@@ -91,7 +91,7 @@ def test_stream_is_token_by_token_and_matches_the_answer(hf_router: RouterProces
 
 def test_seed_repeats_a_sampled_answer(hf_router: RouterProcess) -> None:
     client = hf_router.client(timeout=120)
-    ask = dict(model="tiny", messages=HELLO, max_tokens=20, temperature=1.0, top_p=0.9)
+    ask = {"model": "tiny", "messages": HELLO, "max_tokens": 20, "temperature": 1.0, "top_p": 0.9}
     first = client.chat.completions.create(seed=7, **ask).choices[0].message.content
     again = client.chat.completions.create(seed=7, **ask).choices[0].message.content
     other = {client.chat.completions.create(seed=s, **ask).choices[0].message.content for s in (8, 9, 10)}

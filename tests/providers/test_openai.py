@@ -46,7 +46,8 @@ def test_sdk_non_streaming_and_streaming_with_tools(router: RouterProcess, stub:
         final = stream.get_final_completion()
     assert final.choices[0].finish_reason == "tool_calls"
     fcall = final.choices[0].message.tool_calls[0]
-    assert (fcall.id, fcall.function.name, fcall.function.arguments) == (call.id, "get_weather", call.function.arguments)
+    got = (fcall.id, fcall.function.name, fcall.function.arguments)
+    assert got == (call.id, "get_weather", call.function.arguments)
     assert final.usage == plain.usage
     assert stub.spec_violations == []
 

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-from abc import ABC, abstractmethod
 import signal
 import socket
 import subprocess
 import sys
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import httpx
-import yaml
 import openai
+import yaml
 
 # Our configuration variables: cleared from the inherited environment so a
 # developer's shell never leaks into a test.
@@ -34,9 +34,7 @@ def free_port() -> int:
 def clean_env(workdir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(CONFIG_PREFIXES)}
     env.update({"SQLITE_DB_PATH": str(workdir / "data" / "models.db"), "LOG_DIR": str(workdir / "logs"),
-                "REGISTRY_POLL_INTERVAL": "0.2", "PYTHONUNBUFFERED": "1",
-                # the default 60 requests/min per client would throttle the suite; limit tests set their own
-                "RATE_LIMIT_REQUESTS": "0"})
+                "REGISTRY_POLL_INTERVAL": "0.2", "PYTHONUNBUFFERED": "1"})  # rate limits: off unless a test sets them
     env.update(extra or {})
     return env
 

@@ -1,12 +1,12 @@
-"""Validation against OpenAI's official OpenAPI spec (../shared/specs).
+"""Validation against OpenAI's official OpenAPI spec (tests/fixtures/openai-openapi.yaml; source in its README).
 
-OpenAPI's `nullable: true` becomes "or null", as the spec README says.
+OpenAPI's `nullable: true` becomes "or null", as the fixtures' README says.
 """
 
 from __future__ import annotations
 
 import copy
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-SPEC_PATH = Path(__file__).resolve().parents[3] / "shared" / "specs" / "openai-openapi.yaml"
+SPEC_PATH = Path(__file__).resolve().parents[1] / "fixtures" / "openai-openapi.yaml"
 BASE = "urn:openai-spec"
 
 
@@ -39,7 +39,7 @@ def _registry() -> Registry:
     return Registry().with_resource(BASE, Resource.from_contents(spec, default_specification=DRAFT202012))
 
 
-@lru_cache(maxsize=None)
+@cache
 def validator(schema_name: str) -> Draft202012Validator:
     return Draft202012Validator({"$ref": f"{BASE}#/components/schemas/{schema_name}"}, registry=_registry())
 

@@ -1,6 +1,7 @@
 """OpenAI-format errors: the one exception type the request path raises, and
 the helpers that turn anything (ours or an upstream's) into
-`{"error": {"message", "type", "param", "code"}}` with secrets scrubbed."""
+`{"error": {"message", "type", "param", "code"}}` with secrets scrubbed from
+every field and header that came from upstream."""
 
 from __future__ import annotations
 
@@ -57,6 +58,13 @@ class RouterError(Exception):
 
     def response(self) -> Response:
         return Response(self.body(), self.status, headers=self.headers, media_type="application/json")
+
+    def scrubbed(self, scrub: Scrubber) -> RouterError:
+        """This error with every text a client reads (message, type, param, code, headers) scrubbed."""
+        return RouterError(
+            self.status, scrub(self.message), code=scrub(self.code) if self.code is not None else None,
+            param=scrub(self.param) if self.param is not None else None, type=scrub(self.type),
+            headers={k: scrub(v) for k, v in self.headers.items()} if self.headers else None)
 
     def sse_event(self) -> bytes:
         """The final `data: {"error": ...}` event of a stream that failed midway."""
@@ -121,9 +129,9 @@ def upstream_error(status: int, body: bytes, scrub: Scrubber, provider: str,
         message = text[:2000] if text else f"upstream {provider} answered HTTP {status}"
     return RouterError(
         status,
-        scrub(message),
-        code=scrub(str(code)) if code is not None else None,
+        message,
+        code=str(code) if code is not None else None,
         param=param if isinstance(param, str) else None,
         type=etype if isinstance(etype, str) else None,
         headers=headers,
-    )
+    ).scrubbed(scrub)

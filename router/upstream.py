@@ -1,25 +1,36 @@
-"""Upstream HTTP: the pooled keep-alive client every `ApiProvider` shares, the
-mapping of transport failures to OpenAI errors (502/504), and the SSE relay
-that passes a stream through chunk by chunk.
+"""Upstream HTTP: the pooled keep-alive client every `ApiProvider` shares (stale
+pooled connections retried once, answers bounded and checked for shape, keys
+scrubbed from what is relayed), the mapping of transport failures to OpenAI
+errors (502/504), and the SSE relay that passes a stream through chunk by chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import re
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextvars import ContextVar
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import aiohttp
+import orjson
 from yarl import URL
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from router import hops
 from router.config import Settings
 from router.errors import RouterError, Scrubber, upstream_error
 
-# Upstream response headers worth handing to the client unchanged.
-_PASS_HEADERS = ("retry-after", "x-request-id", "openai-processing-ms")
-_PASS_PREFIX = "x-ratelimit-"
+# Upstream response headers worth handing to the client, each with what a valid value looks like.
+_HTTP_DATE = re.compile(r"[A-Za-z]{3}, \d{2} [A-Za-z]{3} \d{4} \d{2}:\d{2}:\d{2} GMT")
+_PASS_HEADERS: tuple[tuple[str, Callable[[str], bool]], ...] = (
+    ("retry-after", lambda v: v.isdigit() or _HTTP_DATE.fullmatch(v) is not None),
+    ("openai-processing-ms", lambda v: v.replace(".", "", 1).isdigit()),
+    ("x-request-id", lambda v: len(v) <= 200 and v.isascii() and v.isprintable()),
+)
 _DONE_TAIL = 32  # bytes of stream tail kept to see whether `data: [DONE]` arrived
 
 
@@ -79,7 +90,7 @@ class SSEResponse:
 
 def sse_error_tail(tail: bytes) -> bytes:
     """Separator needed before an injected event so it never lands inside another."""
-    if not tail or tail.endswith(b"\n\n") or tail.endswith(b"\r\n\r\n"):
+    if not tail or tail.endswith((b"\n\n", b"\r\n\r\n")):
         return b""
     return b"\n\n" if not tail.endswith(b"\n") else b"\n"
 
@@ -87,62 +98,136 @@ def sse_error_tail(tail: bytes) -> bytes:
 #: failures that happened before the upstream answered anything: a request may go to another replica
 NOT_ANSWERED = frozenset({"upstream_unreachable", "upstream_disconnected"})
 
+#: errnos of a connection the upstream closed (or reset) under a request, as ClientOSError carries them
+_CLOSED_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
+
+#: whether the current request's connection came from the pool; set by the trace below, read in `open`
+_reused: ContextVar[bool] = ContextVar("upstream_connection_reused", default=False)
+
+
+async def _on_reuse(session: aiohttp.ClientSession, ctx: SimpleNamespace,
+                    params: aiohttp.TraceConnectionReuseconnParams) -> None:
+    _reused.set(True)
+
+
+def _closed_before_answer(exc: BaseException) -> bool:
+    """The upstream closed the connection under the request before sending any of the answer."""
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientConnectionResetError)):
+        return True
+    return (isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError)
+            and exc.errno in _CLOSED_ERRNOS)
+
 
 class UpstreamClient:
-    """One aiohttp session with a keep-alive pool, shared by all API providers (and by the Local Agent)."""
+    """One aiohttp session with a keep-alive pool, shared by all API providers (and by the Local Agent).
 
-    def __init__(self, scrub: Scrubber, *, timeout: float, connect_timeout: float, max_connections: int) -> None:
+    Idle connections are kept `keepalive_timeout` seconds, below the upstreams' own idle timeouts. A request
+    whose *pooled* connection the upstream closed before answering (it closed it as idle just as the request
+    went out: the request was never processed) is sent again at once, once, on a new connection; a new
+    connection that fails is a real failure. Answers are bounded: `max_response_bytes` for a whole one,
+    `max_stream_line_bytes` for one line of a stream."""
+
+    def __init__(self, scrub: Scrubber, *, timeout: float, connect_timeout: float, max_connections: int,
+                 keepalive_timeout: float = 4.0, max_response_bytes: int = 32 << 20,
+                 max_stream_line_bytes: int = 4 << 20) -> None:
         self.scrub = scrub
+        self.keepalive_timeout = keepalive_timeout
+        self.max_response_bytes = max_response_bytes
+        self.max_stream_line_bytes = max_stream_line_bytes
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=connect_timeout, sock_connect=connect_timeout)
         self._limit = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._fresh: aiohttp.ClientSession | None = None  # new connections only: for the one retry
 
     @classmethod
     def from_settings(cls, settings: Settings, scrub: Scrubber) -> UpstreamClient:
         return cls(scrub, timeout=settings.upstream_timeout, connect_timeout=settings.upstream_connect_timeout,
-                   max_connections=settings.upstream_max_connections)
+                   max_connections=settings.upstream_max_connections,
+                   keepalive_timeout=settings.upstream_keepalive_timeout,
+                   max_response_bytes=settings.max_response_bytes,
+                   max_stream_line_bytes=settings.max_stream_line_bytes)
 
-    async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=0, ttl_dns_cache=300,
-                                         keepalive_timeout=60)
-        self._session = aiohttp.ClientSession(
+    def _new_session(self, connector: aiohttp.TCPConnector,
+                     trace_configs: list[aiohttp.TraceConfig] | None = None) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
             connector=connector, timeout=self._timeout, auto_decompress=False,
             # a proxy must never keep one upstream answer's cookies and replay them for another client
             cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent",), raise_for_status=False,
+            skip_auto_headers=("User-Agent",), raise_for_status=False, trace_configs=trace_configs,
         )
 
+    async def start(self) -> None:
+        reuse = aiohttp.TraceConfig()
+        reuse.on_connection_reuseconn.append(_on_reuse)
+        self._session = self._new_session(
+            aiohttp.TCPConnector(limit=self._limit, limit_per_host=0, ttl_dns_cache=300,
+                                 keepalive_timeout=self.keepalive_timeout), [reuse])
+        self._fresh = self._new_session(aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, force_close=True))
+
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._fresh):
+            if session is not None:
+                await session.close()
+        self._session = self._fresh = None
 
     # -- requests --------------------------------------------------------------
 
     async def open(self, provider: str, url: str | URL, body: bytes,
                    headers: Mapping[str, str]) -> aiohttp.ClientResponse:
-        """Send the request and wait for the response head; map transport failures."""
-        assert self._session is not None, "UpstreamClient.start() was not awaited"
+        """Send the request and wait for the response head; map transport failures.
+
+        Redirects are not followed (the answer is the upstream's own), and the hop header of the request
+        being served (`router.hops`) goes with it."""
+        assert self._session is not None and self._fresh is not None, "UpstreamClient.start() was not awaited"
+        chain = hops.outgoing.get()
+        if chain is not None:
+            headers = {**headers, hops.HOP_HEADER: chain}
+        _reused.set(False)
         try:
-            return await self._session.post(url, data=body, headers=headers)
-        except aiohttp.ClientConnectorError as exc:  # before the more general ClientOSError below
-            raise self.transport_error(exc, provider, url) from None
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-            # closed before any answer came (a kept-alive connection to a process that died, say):
-            # callers with another replica may retry there
-            raise RouterError(502, f"upstream {provider} at {urlsplit(str(url)).netloc} closed the connection "
-                              "before answering", code="upstream_disconnected") from None
+            return await self._session.post(url, data=body, headers=headers, allow_redirects=False)
         except BaseException as exc:  # noqa: BLE001 - mapped or re-raised below
-            raise self.transport_error(exc, provider, url) from None
+            if not (_reused.get() and _closed_before_answer(exc)):
+                raise self._open_error(exc, provider, url) from None
+        try:  # the upstream closed its idle connection as this request went out: it was never processed
+            return await self._fresh.post(url, data=body, headers=headers, allow_redirects=False)
+        except BaseException as exc:  # noqa: BLE001
+            raise self._open_error(exc, provider, url) from None
+
+    def _open_error(self, exc: BaseException, provider: str, url: str | URL) -> BaseException:
+        if _closed_before_answer(exc):
+            # a process that died, say: callers with another replica may retry there
+            return RouterError(502, f"upstream {provider} at {urlsplit(str(url)).netloc} closed the connection "
+                               "before answering", code="upstream_disconnected")
+        return self.transport_error(exc, provider, url)
 
     async def read(self, provider: str, url: str | URL, resp: aiohttp.ClientResponse) -> bytes:
+        """The whole body, up to `max_response_bytes` (else 502, and the connection is closed)."""
+        limit = self.max_response_bytes
         try:
-            return await resp.read()
+            length = resp.content_length
+            if length is not None and length > limit:
+                raise self._too_large(provider, "answer", limit)
+            parts = []
+            size = 0
+            while chunk := await resp.content.readany():
+                size += len(chunk)
+                if size > limit:
+                    raise self._too_large(provider, "answer", limit)
+                parts.append(chunk)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        except RouterError:
+            resp.close()
+            raise
         except BaseException as exc:  # noqa: BLE001
             resp.close()
             raise self.transport_error(exc, provider, url) from None
         finally:
             resp.release()
+
+    @staticmethod
+    def _too_large(provider: str, what: str, limit: int) -> RouterError:
+        return RouterError(502, f"upstream {provider} sent an {what} larger than the router's limit of "
+                           f"{limit} bytes", code="upstream_response_too_large")
 
     def transport_error(self, exc: BaseException, provider: str, url: str | URL) -> BaseException:
         host = urlsplit(str(url)).netloc
@@ -163,26 +248,36 @@ class UpstreamClient:
     # -- OpenAI-compatible pass-through ------------------------------------------
 
     async def forward(self, provider: str, url: str | URL, body: bytes, headers: Mapping[str, str],
-                      stream: bool) -> Response:
-        """POST `body` as is and relay the answer: JSON whole, SSE chunk by chunk."""
+                      stream: bool) -> Response | SSEResponse:
+        """POST `body` as is and relay the answer: JSON whole (once seen to be a completion), SSE chunk by chunk."""
         resp = await self.open(provider, url, body, headers)
         if resp.status >= 400:
             raise self.error_from(provider, resp, await self.read(provider, url, resp))
-        if stream and resp.content_type == "text/event-stream":
-            return self.relay(provider, url, resp, _until_done(provider, resp))
+        if stream:
+            return self.relay(provider, url, resp, self._lines(provider, resp))
         data = await self.read(provider, url, resp)
-        return Response(data, resp.status, pass_headers(resp),
-                        media_type=resp.content_type or "application/json")
+        try:
+            answer = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            answer = None
+        if not (isinstance(answer, dict) and isinstance(answer.get("choices"), list)):
+            raise RouterError(502, f"upstream {provider} answered HTTP {resp.status} with "
+                              f"{_kind(resp)} that is not a completion", code="upstream_bad_response")
+        return Response(data, resp.status, pass_headers(resp, self.scrub), media_type="application/json")
 
     def relay(self, provider: str, url: str | URL, resp: aiohttp.ClientResponse,
               source: AsyncIterator[bytes]) -> SSEResponse:
         """Stream `source` (chunks made from `resp`) to the client; the one relay every provider uses.
 
-        A failure midway (the source raising RouterError, the connection breaking,
-        an upstream event that cannot be read) ends the stream with a final
-        `data: {"error": ...}` event. The upstream connection goes back to the
+        An answer that is not an event stream is a 502. A failure midway (the source raising RouterError,
+        the connection breaking, an upstream event that cannot be read) ends the stream with a final
+        `data: {"error": ...}` event, scrubbed of keys. The upstream connection goes back to the
         pool only after a complete stream; otherwise it is closed."""
-        return SSEResponse(self._relayed(provider, url, resp, source), resp.status, pass_headers(resp))
+        if resp.content_type != "text/event-stream":
+            resp.close()
+            raise RouterError(502, f"upstream {provider} answered a stream request with {_kind(resp)}, "
+                              "not an event stream", code="upstream_bad_response")
+        return SSEResponse(self._relayed(provider, url, resp, source), resp.status, pass_headers(resp, self.scrub))
 
     async def _relayed(self, provider: str, url: str | URL, resp: aiohttp.ClientResponse,
                        source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -190,41 +285,86 @@ class UpstreamClient:
         complete = False
         try:
             async for chunk in source:
-                tail = (tail + chunk)[-_DONE_TAIL:]
+                tail = _tail(tail, chunk)
                 yield chunk
             complete = True
-        except RouterError as err:
-            yield sse_error_tail(tail) + err.sse_event()
-        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
-            err = self.transport_error(exc, provider, url)
-            assert isinstance(err, RouterError)
-            yield sse_error_tail(tail) + err.sse_event()
+        except RouterError as exc:
+            yield sse_error_tail(tail) + exc.scrubbed(self.scrub).sse_event()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            failure = self.transport_error(exc, provider, url)
+            assert isinstance(failure, RouterError)
+            yield sse_error_tail(tail) + failure.sse_event()
         except (ValueError, KeyError, TypeError, AttributeError) as exc:  # orjson's errors are ValueErrors
-            err = RouterError(502, f"upstream {provider} sent an event the router could not read: "
-                              f"{exc.__class__.__name__}", code="upstream_bad_response")
-            yield sse_error_tail(tail) + err.sse_event()
+            unreadable = RouterError(502, f"upstream {provider} sent an event the router could not read: "
+                                     f"{exc.__class__.__name__}", code="upstream_bad_response")
+            yield sse_error_tail(tail) + unreadable.sse_event()
         finally:
             if complete:
                 resp.release()
             else:
                 resp.close()
 
+    async def _lines(self, provider: str, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        """An OpenAI-compatible upstream's stream as it comes, in whole lines; it must end with [DONE].
 
-async def _until_done(provider: str, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """An OpenAI-compatible upstream's bytes as they come; a stream must end with [DONE]."""
-    tail = b""
-    async for chunk in resp.content.iter_any():
-        tail = (tail + chunk)[-_DONE_TAIL:]
-        yield chunk
-    if b"[DONE]" not in tail:
-        raise RouterError(502, f"upstream {provider} closed the stream before [DONE]",
-                          code="upstream_stream_truncated")
+        A line still unfinished is held back (at most `max_stream_line_bytes` of it, else the stream ends
+        with an error); a chunk of whole lines, the usual case, passes as it is. Lines that carry an
+        `"error"` go through the scrubber: an upstream's error event may echo the key it got."""
+        limit = self.max_stream_line_bytes
+        held: list[bytes] = []  # pieces of the unfinished line
+        held_size = 0
+        tail = b""
+        async for chunk in resp.content.iter_any():
+            end = chunk.rfind(b"\n") + 1
+            if end == 0:  # no line ends in this chunk
+                held.append(chunk)
+                held_size += len(chunk)
+                if held_size > limit:
+                    raise self._too_large(provider, "event line", limit)
+                continue
+            if held:
+                end += held_size
+                held.append(chunk)
+                chunk = b"".join(held)
+                held.clear()
+            held_size = len(chunk) - end
+            if held_size:
+                if held_size > limit:
+                    raise self._too_large(provider, "event line", limit)
+                held.append(chunk[end:])
+                chunk = chunk[:end]
+            if b'"error"' in chunk:
+                chunk = self.scrub(chunk.decode("utf-8", "replace")).encode()
+            tail = _tail(tail, chunk)
+            yield chunk
+        if held:  # a last line with no newline after it
+            chunk = b"".join(held)
+            if b'"error"' in chunk:
+                chunk = self.scrub(chunk.decode("utf-8", "replace")).encode()
+            tail = _tail(tail, chunk)
+            yield chunk
+        if b"[DONE]" not in tail:
+            raise RouterError(502, f"upstream {provider} closed the stream before [DONE]",
+                              code="upstream_stream_truncated")
 
 
-def pass_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
+def _tail(tail: bytes, chunk: bytes) -> bytes:
+    """The last `_DONE_TAIL` bytes of the stream so far."""
+    return chunk[-_DONE_TAIL:] if len(chunk) >= _DONE_TAIL else (tail + chunk)[-_DONE_TAIL:]
+
+
+def _kind(resp: aiohttp.ClientResponse) -> str:
+    return f"'{resp.content_type}'" if resp.content_type else "a body of no declared type"
+
+
+def pass_headers(resp: aiohttp.ClientResponse, scrub: Scrubber | None = None) -> dict[str, str]:
+    """The upstream headers a client may see: well-formed values only, scrubbed when `scrub` is given.
+
+    The upstream's `x-ratelimit-*` are not among them: they describe the operator's account; clients get
+    the router's own."""
     out = {}
-    for name, value in resp.headers.items():
-        low = name.lower()
-        if low in _PASS_HEADERS or low.startswith(_PASS_PREFIX):
-            out[low] = value
+    for name, valid in _PASS_HEADERS:
+        value = resp.headers.get(name)
+        if value is not None and valid(value):
+            out[name] = scrub(value) if scrub is not None else value
     return out

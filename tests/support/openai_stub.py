@@ -13,6 +13,16 @@ Behaviour is chosen by the requested model name:
   gpt-drip           stream a chunk every 50 ms (up to 200) and notice a client leaving
   gpt-gated          stream one chunk, then wait for `gate` before the rest
   gpt-tools          answer with a tool call
+  gpt-huge           50 MB: a JSON body sent chunked, or a stream event that never ends its line
+  gpt-huge-length    a 50 MB JSON body with its Content-Length
+  gpt-bad-json       200 with a body that is not JSON
+  gpt-not-completion 200 with JSON that is not a completion
+  gpt-html           200 with an HTML page, streaming or not
+  gpt-json-only      a JSON completion even when a stream was asked for
+  gpt-leak           echo the key it got in x-request-id, retry-after, openai-processing-ms, and (streaming)
+                     in a mid-stream error event written in two pieces that split the key
+  gpt-leak-error     429 whose error type, param, code, message and headers echo the key it got
+  gpt-upstream-limits  a normal answer with the upstream's own x-ratelimit-* headers
   anything else      "Hello from <name>", streaming or not
 """
 
@@ -41,8 +51,11 @@ from tests.support.schema import validator
 
 class OpenAIStub(ThreadedServer):
     def __init__(self, name: str = "stub", key: str | None = None, model_ids: list[str] | None = None,
-                 slow_seconds: float = 3.0, extra_fields: dict[str, Any] | None = None) -> None:
+                 slow_seconds: float = 3.0, extra_fields: dict[str, Any] | None = None,
+                 keepalive_timeout: float | None = None) -> None:
         super().__init__()
+        if keepalive_timeout is not None:
+            self.keepalive_timeout = keepalive_timeout
         self.name = name
         self.key = key
         self.model_ids = model_ids if model_ids is not None else ["gpt-4o", "gpt-4o-mini"]
@@ -116,6 +129,9 @@ class OpenAIStub(ThreadedServer):
         denied = self._unauthorized(request)
         if denied is not None:
             return denied
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if model in MISBEHAVING:
+            return await MISBEHAVING[model](self, request, payload, given)
         if model == "gpt-slow":
             await asyncio.sleep(self.slow_seconds)
         if payload.get("stream"):
@@ -169,9 +185,11 @@ class OpenAIStub(ThreadedServer):
                                                                  total_tokens=12)))
         return out
 
-    async def _stream(self, request: web.Request, payload: dict[str, Any]) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, payload: dict[str, Any],
+                      headers: dict[str, str] | None = None) -> web.StreamResponse:
         model = payload["model"]
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           **(headers or {})})
         await resp.prepare(request)
         events = [b"data: " + orjson.dumps({**c.model_dump(mode="json", exclude_unset=True), **self.extra_fields})
                   + b"\n\n" for c in self.chunks(payload)]
@@ -197,6 +215,88 @@ class OpenAIStub(ThreadedServer):
             self.client_gone.set()
             raise
         return resp
+
+
+    # -- upstreams misbehaving ----------------------------------------------------------
+
+    async def _huge(self, request: web.Request, payload: dict[str, Any], key: str) -> web.StreamResponse:
+        stream = bool(payload.get("stream"))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream" if stream else "application/json"})
+        await resp.prepare(request)
+        piece = b"x" * (1024 * 1024)
+        try:
+            await resp.write(b'data: {"choices": [{"index": 0, "delta": {"content": "' if stream
+                             else b'{"choices": [{"index": 0, "message": {"content": "')
+            for _ in range(HUGE_MB):
+                self.chunks_sent += 1
+                await resp.write(piece)
+            await resp.write(b'"}}]}\n\ndata: [DONE]\n\n' if stream else b'"}}]}')
+            await resp.write_eof()
+        except (ConnectionResetError, ConnectionError):
+            self.client_gone.set()
+        return resp
+
+    async def _huge_length(self, request: web.Request, payload: dict[str, Any], key: str) -> web.StreamResponse:
+        body = b'{"choices": [{"index": 0, "message": {"content": "' + b"x" * (HUGE_MB << 20) + b'"}}]}'
+        return web.Response(body=body, content_type="application/json")
+
+    async def _bad_json(self, request: web.Request, payload: dict[str, Any], key: str) -> web.StreamResponse:
+        return web.Response(body=b'{"id": "chatcmpl-1", "choices": [', content_type="application/json")
+
+    async def _not_completion(self, request: web.Request, payload: dict[str, Any], key: str) -> web.StreamResponse:
+        return web.json_response({"object": "list", "data": []})
+
+    async def _html(self, request: web.Request, payload: dict[str, Any], key: str) -> web.StreamResponse:
+        return web.Response(text="<html><body>Welcome to nginx!</body></html>", content_type="text/html")
+
+    async def _json_only(self, request: web.Request, payload: dict[str, Any], key: str) -> web.StreamResponse:
+        return web.json_response(self.completion(payload).model_dump(mode="json", exclude_unset=True))
+
+    async def _leak(self, request: web.Request, payload: dict[str, Any], key: str) -> web.StreamResponse:
+        headers = {"x-request-id": f"req_{key}", "retry-after": key, "openai-processing-ms": key}
+        if not payload.get("stream"):
+            return web.json_response(self.completion(payload).model_dump(mode="json", exclude_unset=True),
+                                     headers=headers)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **headers})
+        await resp.prepare(request)
+        await resp.write(b"data: " + orjson.dumps(self.chunks(payload)[0].model_dump(mode="json")) + b"\n\n")
+        event = b"data: " + orjson.dumps({"error": {"message": f"key {key} was refused", "type": key,
+                                                    "param": key, "code": key}}) + b"\n\n"
+        cut = event.index(key.encode()) + len(key) // 2  # the key arrives in two pieces
+        await resp.write(event[:cut])
+        await asyncio.sleep(0.05)
+        await resp.write(event[cut:])
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def _leak_error(self, request: web.Request, payload: dict[str, Any], key: str) -> web.StreamResponse:
+        return web.json_response(
+            {"error": {"message": f"Rate limited for {key}", "type": f"tier_{key}", "param": key, "code": key}},
+            status=429, headers={"x-request-id": f"req_{key}", "retry-after": key, "openai-processing-ms": key})
+
+    async def _upstream_limits(self, request: web.Request, payload: dict[str, Any],
+                               key: str) -> web.StreamResponse:
+        headers = {"x-ratelimit-limit-requests": "999", "x-ratelimit-remaining-requests": "998",
+                   "x-ratelimit-reset-requests": "17s"}
+        if payload.get("stream"):
+            return await self._stream(request, payload, headers)
+        return web.json_response(self.completion(payload).model_dump(mode="json", exclude_unset=True),
+                                 headers=headers)
+
+
+HUGE_MB = 50
+MISBEHAVING = {
+    "gpt-huge": OpenAIStub._huge,
+    "gpt-huge-length": OpenAIStub._huge_length,
+    "gpt-bad-json": OpenAIStub._bad_json,
+    "gpt-not-completion": OpenAIStub._not_completion,
+    "gpt-html": OpenAIStub._html,
+    "gpt-json-only": OpenAIStub._json_only,
+    "gpt-leak": OpenAIStub._leak,
+    "gpt-leak-error": OpenAIStub._leak_error,
+    "gpt-upstream-limits": OpenAIStub._upstream_limits,
+}
 
 
 def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> bool:

@@ -14,11 +14,14 @@ not change the answer (`stream`, `stream_options`, `user`, `metadata`,
 `store`, `safety_identifier`, `prompt_cache_key`, `service_tier`), serialised
 with sorted keys.
 
-What is stored is always one OpenAI completion (JSON). A stream is recorded
-as it passes and assembled into one; only a stream that ended with `[DONE]`
-and no error is stored, and only 200 answers are. A hit is served as JSON or
-replayed as a stream (role, content, tool calls, finish, usage if asked,
-`[DONE]`), whichever the request wants.
+What is stored is always one OpenAI completion (JSON): an object whose
+`choices` hold messages; anything else is neither stored nor, if found, served
+(a miss). A stream is recorded as it passes and assembled into one, merging
+deltas as the OpenAI SDKs do (`accumulate`); only a stream that ended with
+`[DONE]` and no error is stored, and only 200 answers are. A hit is served as
+JSON or replayed as a stream (role, the whole message in one delta, finish,
+usage if asked, `[DONE]`), whichever the request wants, so a client
+accumulating the replay gets the same message as from the live stream.
 
 Backends: in memory (LRU, bounded by entries and bytes, TTL) or Redis
 (`REDIS_URL`, TTL `CACHE_TTL`); a Redis failure is a miss, never an error.
@@ -90,9 +93,10 @@ class RedisBackend:
 
     async def get(self, key: str) -> bytes | None:
         try:
-            return await self.link.run("cache_get", lambda: self.link.client.get(key))
+            value = await self.link.run("cache_get", lambda: self.link.client.get(key))
         except RedisUnavailable:
             return None
+        return value.encode() if isinstance(value, str) else value  # the pool answers bytes; typed either
 
     async def set(self, key: str, value: bytes, ttl: int) -> None:
         try:
@@ -145,15 +149,22 @@ class ResponseCache:
 
     async def lookup(self, key: str, call: ChatCall) -> Response | SSEResponse | None:
         stored = await self.backend.get(key)
-        if stored is None:
+        completion = None
+        if stored is not None:
+            try:
+                completion = orjson.loads(stored)
+            except orjson.JSONDecodeError:
+                pass
+        if not is_completion(completion):  # absent, or not a completion (never replayed as one)
             self.metrics.cache_requests.labels("miss").inc()
             return None
+        assert stored is not None and completion is not None
         self.metrics.cache_requests.labels("hit").inc()
         if not call.stream:
             response = Response(stored, media_type="application/json")
             response.raw_headers += HIT
             return response
-        replay = SSEResponse(replay_stream(orjson.loads(stored), call.include_usage))
+        replay = SSEResponse(replay_stream(completion, call.include_usage))
         replay.raw_headers += HIT
         return replay
 
@@ -166,7 +177,12 @@ class ResponseCache:
             response.body_iterator = self._recording(key, response.body_iterator)
         elif response.media_type == "application/json" or response.headers.get("content-type", "").startswith(
                 "application/json"):
-            self._store(key, bytes(response.body))
+            try:
+                completion = orjson.loads(response.body)
+            except orjson.JSONDecodeError:
+                return
+            if is_completion(completion):  # only a completion is ever stored
+                self._store(key, bytes(response.body))
 
     async def _recording(self, key: str, source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         assembler = StreamAssembler()
@@ -188,13 +204,54 @@ class ResponseCache:
         task.add_done_callback(self._tasks.discard)
 
 
+def is_completion(value: Any) -> bool:
+    """A chat completion, as far as replaying it needs: an object whose `choices` are objects with a message."""
+    return (isinstance(value, dict) and isinstance(choices := value.get("choices"), list)
+            and all(isinstance(c, dict) and isinstance(c.get("message"), dict) for c in choices))
+
+
+def accumulate(acc: dict[str, Any], delta: dict[str, Any]) -> None:
+    """Merge one chunk's `delta` into `acc` as the OpenAI SDKs do: strings are concatenated, objects merged,
+    lists of objects merged by their `index`; `index`, `type` and `role` are replaced; nulls change nothing.
+    So every field survives (tool calls, `function_call`, `reasoning_content`, ...) exactly as a client that
+    reads the live stream ends up with it, whichever way the upstream splits it across chunks."""
+    for key, value in delta.items():
+        if value is None:
+            continue
+        old = acc.get(key)
+        if isinstance(value, list) and any(isinstance(v, dict) and "index" in v for v in value):
+            entries = old if isinstance(old, list) else []
+            for entry in value:
+                position = entry.get("index") if isinstance(entry, dict) else None
+                if isinstance(position, int) and 0 <= position < len(entries) and isinstance(entries[position], dict):
+                    accumulate(entries[position], entry)
+                elif isinstance(entry, dict):
+                    fresh: dict[str, Any] = {}
+                    accumulate(fresh, entry)
+                    entries.insert(position if isinstance(position, int) and position >= 0 else len(entries), fresh)
+            acc[key] = entries
+        elif old is None or key in ("index", "type", "role"):
+            acc[key] = value
+        elif isinstance(old, str) and isinstance(value, str):
+            acc[key] = old + value
+        elif isinstance(old, dict) and isinstance(value, dict):
+            accumulate(old, value)
+        elif isinstance(old, list) and isinstance(value, list):
+            old.extend(value)
+        else:
+            acc[key] = value
+
+
 class StreamAssembler:
     """Builds one completion from the chat.completion.chunk events of a stream."""
+
+    HEAD = ("id", "created", "model", "system_fingerprint", "service_tier")
 
     def __init__(self) -> None:
         self.buffer = b""
         self.head: dict[str, Any] | None = None
-        self.choices: dict[int, dict[str, Any]] = {}
+        self.messages: dict[int, dict[str, Any]] = {}
+        self.finish: dict[int, Any] = {}
         self.usage: Any = None
         self.done = False
         self.failed = False
@@ -221,74 +278,68 @@ class StreamAssembler:
             self.failed = True
             return
         if self.head is None:
-            self.head = {k: chunk.get(k) for k in ("id", "created", "model", "system_fingerprint")}
+            self.head = {k: chunk[k] for k in self.HEAD if chunk.get(k) is not None}
         if chunk.get("usage"):
             self.usage = chunk["usage"]
         for part in chunk["choices"]:
-            slot = self.choices.setdefault(part.get("index", 0), {"content": [], "tools": {}, "finish": None,
-                                                                  "refusal": []})
-            delta = part.get("delta") or {}
-            if delta.get("content"):
-                slot["content"].append(delta["content"])
-            if delta.get("refusal"):
-                slot["refusal"].append(delta["refusal"])
-            for call in delta.get("tool_calls") or []:
-                tool = slot["tools"].setdefault(call.get("index", 0), {"id": None, "name": "", "arguments": []})
-                tool["id"] = call.get("id") or tool["id"]
-                fn = call.get("function") or {}
-                tool["name"] += fn.get("name") or ""
-                tool["arguments"].append(fn.get("arguments") or "")
+            if not isinstance(part, dict):
+                self.failed = True
+                return
+            index = part.get("index", 0)
+            message = self.messages.setdefault(index, {})
+            delta = part.get("delta")
+            if isinstance(delta, dict):
+                accumulate(message, delta)
             if part.get("finish_reason"):
-                slot["finish"] = part["finish_reason"]
+                self.finish[index] = part["finish_reason"]
 
     def completion(self) -> dict[str, Any] | None:
-        if not self.done or self.failed or self.head is None or not self.choices:
+        if not self.done or self.failed or self.head is None or not self.messages:
             return None
-        if any(slot["finish"] is None for slot in self.choices.values()):
+        if any(index not in self.finish for index in self.messages):
             return None
         choices = []
-        for index in sorted(self.choices):
-            slot = self.choices[index]
-            message: dict[str, Any] = {"role": "assistant", "content": "".join(slot["content"]) or None,
-                                       "refusal": "".join(slot["refusal"]) or None}
-            if slot["tools"]:
-                message["tool_calls"] = [
-                    {"id": t["id"], "type": "function", "function": {"name": t["name"],
-                                                                     "arguments": "".join(t["arguments"])}}
-                    for _, t in sorted(slot["tools"].items())]
-            choices.append({"index": index, "message": message, "logprobs": None, "finish_reason": slot["finish"]})
-        out = {**{k: v for k, v in self.head.items() if v is not None}, "object": "chat.completion",
-               "choices": choices}
+        for index in sorted(self.messages):
+            message = {"content": None, "refusal": None, **self.messages[index], "role": "assistant"}
+            for call in message.get("tool_calls") or ():
+                call.pop("index", None)
+                call.setdefault("type", "function")
+            choices.append({"index": index, "message": message, "logprobs": None,
+                            "finish_reason": self.finish[index]})
+        out = {**self.head, "object": "chat.completion", "choices": choices}
         if self.usage is not None:
             out["usage"] = self.usage
         return out
 
 
 async def replay_stream(completion: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
-    """A stored completion as a proper stream of chunks."""
+    """A stored completion as a stream: per choice, the role, then the whole message in one delta (tool calls
+    with their `index`), then the finish reason; the usage if asked; `[DONE]`. Accumulated by a client, it
+    gives back the stored message field for field."""
     base: dict[str, Any] = {"id": completion.get("id"), "object": "chat.completion.chunk",
                             "created": completion.get("created", int(time.time())), "model": completion.get("model")}
+    for field in ("system_fingerprint", "service_tier"):
+        if completion.get(field) is not None:
+            base[field] = completion[field]
     if include_usage:
         base["usage"] = None
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return b"data: " + orjson.dumps({**base, "choices": choices, **extra}) + b"\n\n"
 
-    for choice in completion.get("choices") or []:
+    for choice in completion["choices"]:
         index = choice.get("index", 0)
-        message = choice.get("message") or {}
 
         def delta(d: dict[str, Any], finish: str | None = None, i: int = index) -> dict[str, Any]:
             return {"index": i, "delta": d, "logprobs": None, "finish_reason": finish}
 
         yield event([delta({"role": "assistant"})])
-        if message.get("content"):
-            yield event([delta({"content": message["content"]})])
-        if message.get("refusal"):
-            yield event([delta({"refusal": message["refusal"]})])
-        calls = message.get("tool_calls") or []
-        if calls:
-            yield event([delta({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})])
+        rest = {k: v for k, v in choice["message"].items() if v is not None and k != "role"}
+        if isinstance(rest.get("tool_calls"), list):
+            rest["tool_calls"] = [{"index": i, **call} if isinstance(call, dict) else call
+                                  for i, call in enumerate(rest["tool_calls"])]
+        if rest:
+            yield event([delta(rest)])
         yield event([delta({}, choice.get("finish_reason") or "stop")])
     if include_usage and completion.get("usage"):
         yield event([], usage=completion["usage"])

@@ -1,4 +1,6 @@
-"""Liveness (`/health`), readiness (`/ready`: the registry is readable) and `/metrics`."""
+"""Liveness (`/health`), readiness (`/ready`: the registry is readable; `models`
+counts what is served: registry entries, the built-in `dummy`, live agents'
+models) and `/metrics`."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import Response
 
+from router.api.models import catalogue
 from router.errors import RouterError
 from router.state import RouterState
 
@@ -20,10 +23,11 @@ async def health(request: Request) -> Response:
 async def ready(request: Request) -> Response:
     state: RouterState = request.app.state.router
     try:
-        count = await state.read(lambda conn: conn.execute("SELECT count(*) FROM models").fetchone()[0])
+        await state.read(lambda conn: conn.execute("SELECT count(*) FROM models").fetchone())
     except (sqlite3.Error, OSError) as exc:
         raise RouterError(503, f"registry not readable: {exc.__class__.__name__}", code="not_ready") from None
-    return Response(orjson.dumps({"status": "ready", "models": count}), media_type="application/json")
+    return Response(orjson.dumps({"status": "ready", "models": len(catalogue(state))}),
+                    media_type="application/json")
 
 
 async def metrics(request: Request) -> Response:

@@ -1,5 +1,10 @@
 """`GET /v1/models` and `GET /v1/models/{id}` in OpenAI's list format: registry
-models, models announced by live agents, and the built-in `dummy`."""
+models, models announced by live agents, and the built-in `dummy`. Keys are
+checked as for chat (401), and a key with an allow-list sees only its models.
+
+`owned_by` is the registry type, except that an `openai` entry away from
+OpenAI's own origin (`OPENAI_BASE_URL`) says `openai-compatible`: a llama.cpp
+or vLLM server speaking OpenAI's API is not OpenAI's."""
 
 from __future__ import annotations
 
@@ -10,16 +15,28 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from router.errors import RouterError
+from router.providers.base import same_origin
+from router.registry import ModelEntry
 from router.state import RouterState
 
 _BOOT = 0  # `created` of the built-in dummy model
 
 
-def _catalogue(state: RouterState) -> dict[str, dict[str, Any]]:
+def owned_by(entry: ModelEntry, openai_base_url: str | None) -> str:
+    if entry.type == "openai" and entry.endpoint and not (openai_base_url and same_origin(entry.endpoint,
+                                                                                         openai_base_url)):
+        return "openai-compatible"
+    return entry.type
+
+
+def catalogue(state: RouterState) -> dict[str, dict[str, Any]]:
+    """Every model this process serves now, by name."""
     out: dict[str, dict[str, Any]] = {"dummy": {"id": "dummy", "object": "model", "created": _BOOT,
                                                 "owned_by": "router"}}
+    base = state.settings.openai_base_url
     for m in state.models:
-        out[m.name] = {"id": m.name, "object": "model", "created": int(m.created_at), "owned_by": m.type}
+        out[m.name] = {"id": m.name, "object": "model", "created": int(m.created_at),
+                       "owned_by": owned_by(m, base)}
     for agent in state.agents.live():
         for name in agent.models:
             out.setdefault(name, {"id": name, "object": "model", "created": int(agent.registered_at),
@@ -27,16 +44,27 @@ def _catalogue(state: RouterState) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _visible(state: RouterState, request: Request) -> dict[str, dict[str, Any]]:
+    """The catalogue as this client may see it (401 for a missing or wrong key, as chat)."""
+    client = state.keys.authenticate(request.scope)
+    models = catalogue(state)
+    allowed = client.key.models if client.key is not None else None
+    if allowed is not None:
+        models = {name: entry for name, entry in models.items() if name in allowed}
+    return models
+
+
 async def list_models(request: Request) -> Response:
     state: RouterState = request.app.state.router
-    data = sorted(_catalogue(state).values(), key=lambda m: m["id"])
+    models = _visible(state, request)
+    data = sorted(models.values(), key=lambda m: m["id"])
     return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
 
 
 async def get_model(request: Request) -> Response:
     state: RouterState = request.app.state.router
     model_id = request.path_params["model_id"]
-    entry = _catalogue(state).get(model_id)
+    entry = _visible(state, request).get(model_id)
     if entry is None:
         raise RouterError(404, f"The model '{model_id}' does not exist", code="model_not_found", param="model")
     return Response(orjson.dumps(entry), media_type="application/json")

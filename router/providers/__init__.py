@@ -25,6 +25,11 @@ API_PROVIDERS: dict[str, type[ApiProvider]] = {
 }
 
 
-def build_provider(type_: str, http: UpstreamClient, endpoint: str | None, settings: Settings) -> Provider:
-    """An API provider of `type_` for `endpoint` (None: the type's configured default)."""
-    return API_PROVIDERS[type_].from_settings(http, endpoint, settings)
+def build_provider(type_: str, http: UpstreamClient, endpoint: str | None, settings: Settings,
+                   max_tokens_param: str | None = None) -> Provider:
+    """An API provider of `type_` for `endpoint` (None: the type's configured default); `max_tokens_param`
+    overrides the provider's choice (a registry entry's option)."""
+    provider = API_PROVIDERS[type_].from_settings(http, endpoint, settings)
+    if max_tokens_param is not None:
+        provider.max_tokens_param = max_tokens_param
+    return provider

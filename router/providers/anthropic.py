@@ -6,7 +6,8 @@ Request rules (OpenAI -> Anthropic):
   empty or whitespace-only text is never sent.
 - `max_tokens` is always sent: `max_completion_tokens` or `max_tokens`, else a
   per-model default (`DEFAULT_MAX_TOKENS`), else `ANTHROPIC_DEFAULT_MAX_TOKENS`.
-- `stop` -> `stop_sequences`; tools -> `{name, description, input_schema}`;
+- `stop` -> `stop_sequences` (whitespace-only ones dropped: refused upstream); a final
+  assistant (prefill) turn loses its trailing whitespace (refused too); tools -> `{name, description, input_schema}`;
   `tool_choice` auto/required/none/named -> auto/any/none/tool;
   `parallel_tool_calls: false` -> `disable_parallel_tool_use`.
 - assistant `tool_calls` -> `tool_use` blocks with parsed `input` ("" is {});
@@ -119,10 +120,10 @@ class AnthropicProvider(TranslatingProvider):
                 if delta["type"] == "text_delta" and delta.get("text"):
                     yield out.delta({"content": delta["text"]})
                 elif delta["type"] == "input_json_delta" and delta.get("partial_json"):
-                    index = tool_index.get(data["index"])
-                    if index is not None:
-                        no_args.discard(index)
-                        yield out.delta({"tool_calls": [{"index": index,
+                    call_index = tool_index.get(data["index"])
+                    if call_index is not None:
+                        no_args.discard(call_index)
+                        yield out.delta({"tool_calls": [{"index": call_index,
                                                          "function": {"arguments": delta["partial_json"]}}]})
             elif kind == "content_block_stop":
                 index = tool_index.get(data["index"], -1)
@@ -186,6 +187,22 @@ def user_blocks(content: Any, param: str) -> list[JSON]:
     return blocks
 
 
+def trim_prefill(turns: list[JSON]) -> None:
+    """Anthropic refuses a final assistant turn (a prefill) that ends in whitespace: strip its trailing
+    whitespace, dropping text blocks, and the turn itself, left empty."""
+    if not turns or turns[-1]["role"] != "assistant":
+        return
+    blocks = turns[-1]["content"]
+    while blocks and blocks[-1].get("type") == "text":
+        text = blocks[-1]["text"].rstrip()
+        if text:
+            blocks[-1] = {**blocks[-1], "text": text}
+            break
+        blocks.pop()
+    if not blocks:
+        turns.pop()
+
+
 def to_anthropic(payload: JSON, model: str, fallback_max_tokens: int) -> JSON:
     reject_unsupported(payload, "anthropic")
     system: list[JSON] = []
@@ -225,11 +242,12 @@ def to_anthropic(payload: JSON, model: str, fallback_max_tokens: int) -> JSON:
             raise bad_request(f"Messages with role {role!r} are not supported by anthropic; use 'tool'.",
                               f"{param}.role")
 
+    trim_prefill(turns)
     body: JSON = {"model": model, "messages": turns,
                   "max_tokens": max_tokens_of(payload) or default_max_tokens(model, fallback_max_tokens)}
     if system:
         body["system"] = system
-    stops = stop_list(payload.get("stop"))
+    stops = [s for s in stop_list(payload.get("stop")) or () if s.strip()]  # whitespace-only ones: refused
     if stops:
         body["stop_sequences"] = stops
     tools = function_tools(payload)
@@ -313,6 +331,6 @@ def from_anthropic(data: JSON, model: str) -> bytes:
         elif block.get("type") == "tool_use":
             calls.append(tool_call(block["id"], block["name"], block.get("input")))
     content = "".join(texts) or None  # no text at all is null, as in the stream (tool-only turns)
-    finish = STOP_REASONS.get(data.get("stop_reason"), "stop")
+    finish = STOP_REASONS.get(str(data.get("stop_reason")), "stop")
     return completion("chatcmpl-" + data["id"], data.get("model") or model,
                       [choice(0, content, calls, finish)], usage_of(data.get("usage") or {}))

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from pydantic import SecretStr
 
     from router.config import Settings
-    from router.upstream import UpstreamClient
+    from router.upstream import SSEResponse, UpstreamClient
 
 
 @dataclass(slots=True)
@@ -42,9 +42,12 @@ class ChatCall:
 class Provider(ABC):
     #: the registry `type` this class serves; also the `provider` metric label
     type: ClassVar[str]
+    #: the field this upstream reads the output-token limit from ("max_tokens" or "max_completion_tokens");
+    #: a request carrying only the other one gets it renamed (`router.api.chat`); None: bodies pass untouched
+    max_tokens_param: str | None = None
 
     @abstractmethod
-    async def chat(self, call: ChatCall) -> Response:
+    async def chat(self, call: ChatCall) -> Response | SSEResponse:
         """Answer one chat completion, streaming or not, or raise `RouterError`."""
 
 
@@ -65,6 +68,9 @@ class ApiProvider(Provider):
     #: how the key is sent: header name and the scheme before it
     key_header: ClassVar[str] = "Authorization"
     key_scheme: ClassVar[str] = "Bearer "
+    #: OpenAI-compatible servers that are not OpenAI (llama.cpp, vLLM, ...) read `max_tokens` and may ignore
+    #: `max_completion_tokens`; OpenAI itself and translating providers say otherwise
+    max_tokens_param: str | None = "max_tokens"
 
     def __init__(self, http: UpstreamClient, base_url: str, api_key: SecretStr | None = None,
                  *, key_required: bool = True, settings: Settings | None = None) -> None:
@@ -120,7 +126,7 @@ class MisconfiguredProvider(Provider):
         self.type = type  # type: ignore[misc]
         self.remedy = remedy
 
-    async def chat(self, call: ChatCall) -> Response:
+    async def chat(self, call: ChatCall) -> Response | SSEResponse:
         raise RouterError(500, f"provider '{self.type}' is not configured: {self.remedy}",
                           code="provider_not_configured")
 

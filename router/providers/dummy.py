@@ -41,7 +41,7 @@ def prompt_tokens(messages: list[dict[str, Any]]) -> int:
 class DummyProvider(Provider):
     type = "dummy"
 
-    async def chat(self, call: ChatCall) -> Response:
+    async def chat(self, call: ChatCall) -> Response | SSEResponse:
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         p_tokens = prompt_tokens(call.payload["messages"])

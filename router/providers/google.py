@@ -206,7 +206,7 @@ def to_gemini(payload: JSON) -> JSON:
     reject_unsupported(payload, "google")
     system: list[JSON] = []
     contents: list[JSON] = []
-    names: dict[str, str] = {}  # tool_call_id -> function name, from every earlier assistant turn
+    names: dict[str, Any] = {}  # tool_call_id -> function name, from every earlier assistant turn
 
     def add(role: str, parts: list[JSON]) -> None:
         append_turn(contents, role, parts, "parts")

@@ -29,6 +29,7 @@ class GrokProvider(OpenAICompatibleProvider):
     type = "grok"
     url_var = "GROK_BASE_URL"
     key_var = "EXTERNAL_GROK_KEY"
+    max_tokens_param = None  # xAI's and Groq's APIs read `max_completion_tokens` (max_tokens: deprecated)
 
     def chat_url(self) -> str:
         return groq_api_base(self.base_url) + "/v1/chat/completions"

@@ -88,7 +88,7 @@ class HuggingFaceProvider(WeightProvider):
         self.store = store
         self.endpoint = endpoint  # the hub (or a mirror) to download from when the weights are not local
 
-    async def chat(self, call: ChatCall) -> Response:
+    async def chat(self, call: ChatCall) -> Response | SSEResponse:
         sampling = sampling_of(call.payload)
         messages = messages_of(call.payload)
         lm = await self.store.acquire(call.model, self.endpoint)
@@ -100,7 +100,7 @@ class HuggingFaceProvider(WeightProvider):
             raise RouterError(400, f"The prompt is {len(ids)} tokens; model '{lm.name}' has a context of "
                               f"{lm.context}.", param="messages", code="context_length_exceeded")
         if call.stream:
-            return SSEResponse(self._stream(lm, ids, sampling, call))  # type: ignore[return-value]
+            return SSEResponse(self._stream(lm, ids, sampling, call))
         cancelled = threading.Event()
         try:
             done = await self._start(lm, ids, sampling, cancelled)

@@ -11,10 +11,18 @@ don't know.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from starlette.responses import Response
 from yarl import URL
 
-from router.providers.base import ApiProvider, ChatCall
+from router.providers.base import ApiProvider, ChatCall, same_origin
+
+if TYPE_CHECKING:
+    from pydantic import SecretStr
+
+    from router.config import Settings
+    from router.upstream import SSEResponse, UpstreamClient
 
 
 class OpenAICompatibleProvider(ApiProvider):
@@ -23,7 +31,7 @@ class OpenAICompatibleProvider(ApiProvider):
     def chat_url(self) -> str:
         return self.base_url + "/v1/chat/completions"
 
-    async def chat(self, call: ChatCall) -> Response:
+    async def chat(self, call: ChatCall) -> Response | SSEResponse:
         url = getattr(self, "_url", None)
         if url is None:
             url = self._url = URL(self.chat_url(), encoded=True)  # parsed once
@@ -31,6 +39,16 @@ class OpenAICompatibleProvider(ApiProvider):
 
 
 class OpenAIProvider(OpenAICompatibleProvider):
+    """OpenAI at `OPENAI_BASE_URL` reads `max_completion_tokens` itself; an `openai`-type entry elsewhere is
+    an OpenAI-compatible server and gets `max_tokens`."""
+
     type = "openai"
     url_var = "OPENAI_BASE_URL"
     key_var = "EXTERNAL_OPENAI_KEY"
+
+    def __init__(self, http: UpstreamClient, base_url: str, api_key: SecretStr | None = None,
+                 *, key_required: bool = True, settings: Settings | None = None) -> None:
+        super().__init__(http, base_url, api_key, key_required=key_required, settings=settings)
+        official = settings.openai_base_url if settings is not None else "https://api.openai.com"
+        if official and same_origin(self.base_url, official):
+            self.max_tokens_param = None

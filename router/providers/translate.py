@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from router.errors import RouterError, upstream_error
 from router.providers.base import ApiProvider, ChatCall
-from router.upstream import pass_headers
+from router.upstream import SSEResponse, pass_headers
 
 JSON = dict[str, Any]
 
@@ -216,8 +216,8 @@ async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[ServerSentEv
             event = decoder.decode(line.rstrip(b"\r").decode("utf-8"))
             if event is not None:
                 yield event
-    for line in (pending.rstrip(b"\r").decode("utf-8"), ""):  # a last event with no blank line after it
-        event = decoder.decode(line)
+    for text in (pending.rstrip(b"\r").decode("utf-8"), ""):  # a last event with no blank line after it
+        event = decoder.decode(text)
         if event is not None:
             yield event
 
@@ -238,6 +238,8 @@ class TranslatingProvider(ApiProvider):
     with its mid-stream failures, is `UpstreamClient.relay`, as for every provider.
     """
 
+    max_tokens_param = None  # `build_request` maps both fields itself
+
     @abstractmethod
     def build_request(self, call: ChatCall) -> tuple[str, bytes, dict[str, str]]:
         """URL, body and headers of the provider's request for this call."""
@@ -254,7 +256,7 @@ class TranslatingProvider(ApiProvider):
     def build_error(self, status: int, body: bytes, headers: dict[str, str]) -> RouterError:
         return upstream_error(status, body, self.http.scrub, self.type, headers)
 
-    async def chat(self, call: ChatCall) -> Response:
+    async def chat(self, call: ChatCall) -> Response | SSEResponse:
         url, body, headers = self.build_request(call)
         resp = await self.http.open(self.type, url, body, headers)
         if resp.status >= 400:

@@ -48,7 +48,8 @@ def test_request_translation(hosted: RouterProcess, upstream: AnthropicStub) -> 
                                          {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]},
             {"role": "developer", "content": [{"type": "text", "text": "Use tools."}]},
             {"role": "assistant", "content": "", "tool_calls": [
-                {"id": "toolu_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
+                {"id": "toolu_a", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
                 {"id": "toolu_b", "type": "function", "function": {"name": "get_time", "arguments": ""}}]},
             {"role": "tool", "tool_call_id": "toolu_a", "content": "18C"},
             {"role": "tool", "tool_call_id": "toolu_b", "content": [{"type": "text", "text": "12:00"}]},
@@ -233,3 +234,23 @@ def test_mid_stream_failures_end_with_an_error_event(hosted: RouterProcess, upst
     assert "error" in chunks[-1] and chunks[-1]["error"]["code"] == code
     assert b"[DONE]" not in raw
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_whitespace_stops_and_prefill_whitespace_are_not_sent(hosted: RouterProcess, upstream: AnthropicStub) -> None:
+    """Anthropic refuses whitespace-only stop sequences and a final assistant turn ending in whitespace (the
+    stub as well): the first are dropped, the second trimmed, or dropped when nothing remains."""
+    with hosted.http() as http:
+        resp = http.post("/v1/chat/completions", json={
+            "model": "claude-text", "stop": ["\n", "END", " \t"],
+            "messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Sure: \n"}]})
+        assert resp.status_code == 200, resp.text
+        body = sent(upstream)
+        assert body["stop_sequences"] == ["END"]
+        assert body["messages"][-1] == {"role": "assistant", "content": [{"type": "text", "text": "Sure:"}]}
+
+        resp = http.post("/v1/chat/completions", json={
+            "model": "claude-text", "stop": "\n\n",
+            "messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "  \n"}]})
+        assert resp.status_code == 200, resp.text
+        body = sent(upstream)
+        assert "stop_sequences" not in body and body["messages"][-1]["role"] == "user"

@@ -77,7 +77,22 @@ def request_errors(body: dict[str, Any]) -> list[str]:
         _force((streaming if body.get("stream") else plain).validate_python(body))
     except ValidationError as exc:
         return [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
-    return []
+    return semantic_errors(body)
+
+
+def semantic_errors(body: dict[str, Any]) -> list[str]:
+    """What the real API refuses beyond the schema: whitespace-only stop sequences, and a final assistant
+    (prefill) turn whose content ends in whitespace."""
+    errors = [f"stop_sequences.{i}: each stop sequence must contain non-whitespace"
+              for i, s in enumerate(body.get("stop_sequences") or []) if isinstance(s, str) and not s.strip()]
+    turns = body.get("messages") or []
+    if turns and isinstance(turns[-1], dict) and turns[-1].get("role") == "assistant":
+        content = turns[-1].get("content")
+        last = content if isinstance(content, str) else (
+            content[-1].get("text") if content and isinstance(content[-1], dict) else None)
+        if isinstance(last, str) and last != last.rstrip():
+            errors.append("messages: final assistant content cannot end with trailing whitespace")
+    return errors
 
 
 def event(ev: Any) -> bytes:

@@ -34,9 +34,18 @@ class AgentDirectory:
         self.agents = {a.name: a for a in agents}
         self.heartbeats = {a.name: a.last_heartbeat for a in self.agents.values()}
 
-    def upsert(self, agent: AgentEntry) -> None:
+    def upsert(self, agent: AgentEntry) -> AgentEntry | None:
+        """Store the agent; the entry it replaced, if any."""
+        old = self.agents.get(agent.name)
         self.agents[agent.name] = agent
-        self.heartbeats[agent.name] = agent.last_heartbeat
+        self.heartbeats[agent.name] = max(agent.last_heartbeat, self.heartbeats.get(agent.name, 0.0))
+        return old
+
+    def remove(self, name: str) -> AgentEntry | None:
+        self.heartbeats.pop(name, None)
+        if not self.tracker.counts.get(name):
+            self.tracker.counts.pop(name, None)
+        return self.agents.pop(name, None)
 
     def beat(self, name: str, now: float) -> None:
         if name in self.agents:

@@ -1,22 +1,26 @@
 """Command line: `router serve` and the registry commands.
 
 Run as `python -m router.cli COMMAND` or through the `router` console script.
-Every failure prints one line to stderr and exits non-zero; a failed command
-leaves the database as it was.
+Every failure prints one line to stderr and exits non-zero (`registry()` turns
+database errors, a lock included, into that line); a failed command leaves the
+database as it was.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+import sqlite3
 import sys
 import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NoReturn, Optional
+from typing import Any, NoReturn
 
 import orjson
 import typer
@@ -49,11 +53,34 @@ def store(s: Settings) -> RegistryStore:
     return RegistryStore(s.sqlite_db_path)
 
 
+CLI_BUSY_TIMEOUT = 5.0  # seconds a command waits for another writer's lock
+
+
+@contextmanager
+def registry(s: Settings) -> Iterator[tuple[RegistryStore, sqlite3.Connection]]:
+    """The open registry; any database or input error in the block becomes one line on stderr and exit 1."""
+    registry_store = store(s)
+    try:
+        conn = registry_store.connect(busy_timeout=CLI_BUSY_TIMEOUT)
+        try:
+            yield registry_store, conn
+        finally:
+            conn.close()
+    except RegistryError as exc:
+        fail(str(exc))
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            fail(f"registry {s.sqlite_db_path} is locked by another process; try again ({exc})")
+        fail(f"cannot use registry {s.sqlite_db_path}: {exc}")
+    except (sqlite3.Error, OSError) as exc:
+        fail(f"cannot use registry {s.sqlite_db_path}: {exc.__class__.__name__}: {exc}")
+
+
 @app.command()
 def serve(
-    host: Optional[str] = typer.Option(None, help="Interface to bind (default ROUTER_HOST or 127.0.0.1)."),
-    port: Optional[int] = typer.Option(None, help="Port (default ROUTER_PORT or 8000)."),
-    workers: Optional[int] = typer.Option(None, help="Worker processes sharing the registry (default 1)."),
+    host: str | None = typer.Option(None, help="Interface to bind (default ROUTER_HOST or 127.0.0.1)."),
+    port: int | None = typer.Option(None, help="Port (default ROUTER_PORT or 8000)."),
+    workers: int | None = typer.Option(None, help="Worker processes sharing the registry (default 1)."),
 ) -> None:
     """Serve the router."""
     import uvicorn
@@ -66,10 +93,18 @@ def serve(
         fail(f"cannot open registry {s.sqlite_db_path}: {exc}")
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="router-metrics-")
+    if s.router_instance_id is None:  # one id for every worker of this server: a loop is caught at its first pass
+        os.environ["ROUTER_INSTANCE_ID"] = secrets.token_hex(6)
+    from router.server import RouterHttpProtocol
+
     uvicorn.run(
         "router.app:create_app", factory=True,
         host=host or s.router_host, port=port or s.router_port, workers=workers,
-        loop="uvloop", http="httptools", access_log=False, log_level=s.log_level.lower(),
+        # httptools with a deadline for request heads (REQUEST_HEADER_TIMEOUT)
+        loop="uvloop", http=RouterHttpProtocol, access_log=False, log_level=s.log_level.lower(),
+        # uvicorn answers 503 to a request while open connections (idle kept-alive ones included) or
+        # running requests reach limit_concurrency: so N connections are served and the N+1th is refused
+        limit_concurrency=s.router_max_connections + 1,
         # the client address (rate limits of key-less clients) comes from X-Forwarded-For only when the
         # request came through a trusted proxy; off by default, which also keeps that work off the hot path
         proxy_headers=s.router_trusted_proxies is not None,
@@ -87,14 +122,8 @@ def add_model(
 ) -> None:
     """Add a model to the registry."""
     s = settings()
-    try:
-        conn = store(s).connect()
-        try:
-            entry = store(s).add_model(conn, name, type, endpoint, kind)
-        finally:
-            conn.close()
-    except RegistryError as exc:
-        fail(str(exc))
+    with registry(s) as (reg, conn):
+        entry = reg.add_model(conn, name, type, endpoint, kind)
     out.print(f"added {entry.name} ({entry.type}, {entry.kind}) -> {entry.endpoint}")
 
 
@@ -106,36 +135,42 @@ def set_model_limits(
 ) -> None:
     """Set a model's own rate limits."""
     s = settings()
-    conn = store(s).connect()
-    try:
-        changed = store(s).set_model_limits(conn, name, rpm, tpm)
-    except RegistryError as exc:
-        fail(str(exc))
-    finally:
-        conn.close()
+    with registry(s) as (reg, conn):
+        changed = reg.set_model_limits(conn, name, rpm, tpm)
     if not changed:
         fail(f"model {name!r} is not in the registry")
     out.print(f"limits of {name}: {rpm or 'no'} requests/min, {tpm or 'no'} tokens/min")
 
 
+@app.command("set-model-option")
+def set_model_option(
+    name: str = typer.Argument(..., help="Model name."),
+    max_tokens_param: str = typer.Option(..., help="The field its upstream reads the output-token limit from: "
+                                         "max_tokens, max_completion_tokens, or default (the provider's)."),
+) -> None:
+    """Set how a model's requests are adapted for its upstream."""
+    param = None if max_tokens_param == "default" else max_tokens_param
+    with registry(settings()) as (reg, conn):
+        changed = reg.set_max_tokens_param(conn, name, param)
+    if not changed:
+        fail(f"model {name!r} is not in the registry")
+    out.print(f"{name}: output-token limit sent as {param or 'the provider default'}")
+
+
 @app.command("create-key")
 def create_key(
-    name: Optional[str] = typer.Option(None, help="A name for the key (shown in logs and metrics)."),
-    rpm: Optional[int] = typer.Option(None, help="Requests per minute for this key (default RATE_LIMIT_REQUESTS)."),
-    tpm: Optional[int] = typer.Option(None, help="Tokens per minute for this key (default RATE_LIMIT_TOKENS)."),
-    models: Optional[str] = typer.Option(None, help="Comma-separated models this key may use (default: all)."),
-    expires: Optional[str] = typer.Option(None, help="Expiry: a duration (30d, 12h, 90m) or a date (2027-01-31)."),
+    name: str | None = typer.Option(None, help="A name for the key (shown in logs and metrics)."),
+    rpm: int | None = typer.Option(None, help="Requests per minute for this key (default RATE_LIMIT_REQUESTS)."),
+    tpm: int | None = typer.Option(None, help="Tokens per minute for this key (default RATE_LIMIT_TOKENS)."),
+    models: str | None = typer.Option(None, help="Comma-separated models this key may use (default: all)."),
+    expires: str | None = typer.Option(None, help="Expiry: a duration (30d, 12h, 90m) or a date (2027-01-31)."),
 ) -> None:
     """Create a client key. It is printed once; only its hash is stored."""
     s = settings()
     model_list = [m.strip() for m in models.split(",") if m.strip()] if models is not None else None
-    conn = store(s).connect()
-    try:
-        secret, key = store(s).create_key(conn, name, rpm, tpm, model_list, parse_expiry(expires))
-    except RegistryError as exc:
-        fail(str(exc))
-    finally:
-        conn.close()
+    expires_at = parse_expiry(expires)
+    with registry(s) as (reg, conn):
+        secret, key = reg.create_key(conn, name, rpm, tpm, model_list, expires_at)
     print(secret)
     print(f"created key {key.name!r}; it will not be shown again", file=sys.stderr)
 
@@ -157,11 +192,8 @@ def parse_expiry(text: str | None) -> float | None:
 def list_keys() -> None:
     """List client keys (names, prefixes and limits; never the keys)."""
     s = settings()
-    conn = store(s).connect()
-    try:
-        keys = store(s).load_keys(conn)
-    finally:
-        conn.close()
+    with registry(s) as (reg, conn):
+        keys = reg.load_keys(conn)
     table = Table(title="client keys")
     for col in ("name", "prefix", "rpm", "tpm", "models", "expires", "status"):
         table.add_column(col)
@@ -179,11 +211,8 @@ def list_keys() -> None:
 def revoke_key(name: str = typer.Argument(..., help="The key's name or its prefix as list-keys shows it.")) -> None:
     """Revoke a client key; routers refuse it within seconds."""
     s = settings()
-    conn = store(s).connect()
-    try:
-        count = store(s).revoke_key(conn, name.rstrip("…"))
-    finally:
-        conn.close()
+    with registry(s) as (reg, conn):
+        count = reg.revoke_key(conn, name.rstrip("…"))
     if not count:
         fail(f"no active key named {name!r}")
     out.print(f"revoked {name}")
@@ -193,11 +222,8 @@ def revoke_key(name: str = typer.Argument(..., help="The key's name or its prefi
 def remove_model(name: str = typer.Argument(..., help="Model name to remove.")) -> None:
     """Remove a model from the registry."""
     s = settings()
-    conn = store(s).connect()
-    try:
-        removed = store(s).remove_model(conn, name)
-    finally:
-        conn.close()
+    with registry(s) as (reg, conn):
+        removed = reg.remove_model(conn, name)
     if not removed:
         fail(f"model {name!r} is not in the registry")
     out.print(f"removed {name}")
@@ -206,7 +232,7 @@ def remove_model(name: str = typer.Argument(..., help="Model name to remove.")) 
 @app.command("pull-model")
 def pull_model(
     name: str = typer.Argument(..., help="Hugging Face repo id (org/name), or org/name/file.gguf for one GGUF file."),
-    endpoint: Optional[str] = typer.Option(None, help="Hub URL (default: the registry entry's, else huggingface.co)."),
+    endpoint: str | None = typer.Option(None, help="Hub URL (default: the registry entry's, else huggingface.co)."),
 ) -> None:
     """Download a model's weights into HF_CACHE_DIR (with progress), so its first request need not wait.
 
@@ -224,19 +250,15 @@ def pull_model(
         print(f"warning: {missing} not installed: the router cannot serve it until "
               "`pip install 'llm-router[hf]'`", file=sys.stderr)
     if endpoint is None:
-        registry = store(s)
-        conn = registry.connect()
-        try:
-            entry = next((m for m in registry.load(conn)[0] if m.name == name), None)
-        finally:
-            conn.close()
+        with registry(s) as (reg, conn):
+            entry = next((m for m in reg.load(conn)[0] if m.name == name), None)
         endpoint = entry.endpoint if entry is not None else None
     token = s.hugging_face_hub_token.get_secret_value() if s.hugging_face_hub_token else None
     try:
         ref = pull(name, s.hf_cache_dir, token, endpoint)  # huggingface_hub's progress bars on stderr
     except ImportError:
         fail("huggingface_hub is not installed: pip install 'llm-router[hf]'")
-    except Exception as exc:  # hub errors come in many types; the message is what matters
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types; the message is what matters
         message = Scrubber([token] if token else [])(str(exc).splitlines()[0] if str(exc) else "")
         fail(f"could not download {name}: {exc.__class__.__name__}: {message}")
     out.print(f"pulled {name} into {ref.folder}" + (f" ({ref.gguf_file})" if ref.gguf_file else ""))
@@ -246,11 +268,8 @@ def pull_model(
 def list_models() -> None:
     """List the registry's models and the agents that announced themselves."""
     s = settings()
-    conn = store(s).connect()
-    try:
-        models, agents = store(s).load(conn)
-    finally:
-        conn.close()
+    with registry(s) as (reg, conn):
+        models, agents = reg.load(conn)
     table = Table(title=f"models in {s.sqlite_db_path}")
     for col in ("name", "type", "kind", "endpoint", "updated"):
         table.add_column(col)
@@ -259,11 +278,52 @@ def list_models() -> None:
     out.print(table)
     if agents:
         at = Table(title="agents")
-        for col in ("name", "endpoint", "models", "last heartbeat"):
+        for col in ("name", "endpoint", "models", "last heartbeat", "credential"):
             at.add_column(col)
         for a in agents:
-            at.add_row(a.name, a.endpoint, ", ".join(a.models), _when(a.last_heartbeat))
+            at.add_row(a.name, a.endpoint, ", ".join(a.models), _when(a.last_heartbeat), a.token_name or "-")
         out.print(at)
+
+
+@app.command("create-agent-token")
+def create_agent_token(
+    name: str = typer.Argument(..., help="The token's name; agents registered with it are bound to it."),
+    models: str | None = typer.Option(None, help="Comma-separated model names that hosted providers serve "
+                                         "(gpt-..., claude...) which agents with this token may still announce."),
+) -> None:
+    """Create an agent registration token. It is printed once; only its hash is stored."""
+    s = settings()
+    model_list = [m.strip() for m in models.split(",") if m.strip()] if models is not None else None
+    with registry(s) as (reg, conn):
+        secret, token = reg.create_agent_token(conn, name, model_list)
+    print(secret)
+    print(f"created agent token {token.name!r}; it will not be shown again", file=sys.stderr)
+
+
+@app.command("list-agent-tokens")
+def list_agent_tokens() -> None:
+    """List agent tokens (names, prefixes, extra models; never the tokens)."""
+    s = settings()
+    with registry(s) as (reg, conn):
+        tokens = reg.load_agent_tokens(conn)
+    table = Table(title="agent tokens")
+    for col in ("name", "prefix", "models", "created", "status"):
+        table.add_column(col)
+    for t in tokens:
+        table.add_row(t.name, t.token_prefix + "…", ", ".join(sorted(t.models)) if t.models else "-",
+                      _when(t.created_at), "revoked" if t.revoked_at is not None else "active")
+    out.print(table)
+
+
+@app.command("revoke-agent-token")
+def revoke_agent_token(name: str = typer.Argument(..., help="The token's name or its prefix.")) -> None:
+    """Revoke an agent token; routers refuse it within seconds (its agents' names stay bound to it)."""
+    s = settings()
+    with registry(s) as (reg, conn):
+        count = reg.revoke_agent_token(conn, name.rstrip("…"))
+    if not count:
+        fail(f"no active agent token named {name!r}")
+    out.print(f"revoked agent token {name}")
 
 
 def _when(ts: float) -> str:
@@ -341,11 +401,8 @@ def refresh(listing: Listing) -> None:
         if next_query is None:
             break
         url = normalize_base_url(base) + listing.path.split("?", 1)[0] + "?" + urllib.parse.urlencode(next_query)
-    conn = store(s).connect()
-    try:
-        changes = store(s).sync_models(conn, listing.type, base, "api", names)
-    finally:
-        conn.close()
+    with registry(s) as (reg, conn):
+        changes = reg.sync_models(conn, listing.type, base, "api", names)
     report(changes)
 
 

@@ -7,6 +7,7 @@ Provider keys are `SecretStr`, so they never show up in a repr or a log line.
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from typing import Literal
 
@@ -39,7 +40,15 @@ class Settings(BaseSettings):
     sqlite_db_path: str = "data/models.db"
     registry_poll_interval: float = Field(1.0, gt=0, le=60)
     agent_ttl: float = Field(30.0, gt=0)
+    # a shared agent credential (per-agent tokens: `router create-agent-token`)
     router_agent_token: SecretStr | None = None
+    # [agents] networks agents may register from and announce endpoints in (comma-separated CIDRs); unset: any
+    # address except link-local and cloud-metadata ones
+    router_agent_networks: str | None = None
+    # [agents] model names a hosted provider would serve that agents may still announce (comma-separated, or *)
+    router_agent_allowed_models: str | None = None
+    agent_register_rpm: int = Field(60, ge=1)  # [agents] registrations per minute per client address
+    agent_retention: float = Field(86400.0, gt=0)  # [agents] seconds a dead agent is kept before it is deleted
 
     # Providers
     local_agent_url: str | None = "http://localhost:5000"
@@ -75,7 +84,17 @@ class Settings(BaseSettings):
     upstream_connect_timeout: float = Field(10.0, gt=0)
     upstream_timeout: float = Field(600.0, gt=0)
     upstream_max_connections: int = Field(1000, ge=1)
+    # [upstream] idle pooled connections are closed after this long: below common upstream keep-alive
+    # timeouts (uvicorn and Node: 5 s), so the router rarely reuses one the upstream is closing
+    upstream_keepalive_timeout: float = Field(4.0, gt=0, le=300)
+    max_response_bytes: int = Field(32 * 1024 * 1024, ge=1024)  # [upstream] a non-streaming answer, whole
+    max_stream_line_bytes: int = Field(4 * 1024 * 1024, ge=1024)  # [upstream] one line of an upstream stream
+    # [upstream] this router's id in the x-llm-router-hops header (loop detection); unset: random per process
+    router_instance_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    request_body_timeout: float = Field(30.0, gt=0)  # [edge] seconds to receive a whole request body
+    request_header_timeout: float = Field(10.0, gt=0)  # [edge] seconds to receive a request's headers
+    router_max_connections: int = Field(4096, ge=1)  # [edge] concurrent connections per worker; beyond: 503
 
     # Client keys
     router_master_key: SecretStr | None = None
@@ -92,8 +111,8 @@ class Settings(BaseSettings):
     cache_max_entries: int = Field(10_000, ge=1)
     cache_max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
 
-    # Rate limits (per minute; 0 means no limit)
-    rate_limit_requests: int = Field(60, ge=0)
+    # Rate limits (per minute; 0 means no limit, the default: `.env.example` shows the design's 60)
+    rate_limit_requests: int = Field(0, ge=0)
     rate_limit_tokens: int = Field(0, ge=0)
     rate_limit_on_redis_failure: Literal["local", "open", "closed"] = "local"
 
@@ -111,6 +130,18 @@ class Settings(BaseSettings):
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
 
+    @field_validator("router_agent_networks")
+    @classmethod
+    def _networks(cls, v: str | None) -> str | None:
+        if v is not None:
+            for part in v.split(","):
+                if part.strip():
+                    try:
+                        ipaddress.ip_network(part.strip(), strict=False)
+                    except ValueError as exc:
+                        raise ValueError(f"not a list of CIDRs: {exc}") from None
+        return v
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, v: object) -> object:
@@ -121,7 +152,8 @@ class Settings(BaseSettings):
         "external_openai_key", "external_anthropic_key", "external_google_key",
         "external_openrouter_key", "external_grok_key", "external_groq_key", "external_venice_key",
         "llmd_api_key", "openrouter_referer", "openrouter_title", "router_master_key", "router_trusted_proxies",
-        "hugging_face_hub_token", mode="before",
+        "hugging_face_hub_token", "router_agent_networks", "router_agent_allowed_models", "router_instance_id",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, v: object) -> object:

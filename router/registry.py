@@ -63,12 +63,37 @@ MIGRATIONS.append([
         revoked_at REAL
     )""",
 ])
+MIGRATIONS.append([
+    # per-agent registration tokens (only a hash is stored); the token an agent registered with is bound
+    # to its name; `models`: hosted-provider names that agents with this token may still announce
+    """CREATE TABLE agent_tokens (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        token_hash TEXT NOT NULL UNIQUE,
+        token_prefix TEXT NOT NULL,
+        models TEXT,
+        created_at REAL NOT NULL,
+        revoked_at REAL
+    )""",
+    "ALTER TABLE agents ADD COLUMN token_name TEXT",
+    # which field carries the output-token limit upstream: NULL (the provider's default),
+    # 'max_tokens' or 'max_completion_tokens'
+    "ALTER TABLE models ADD COLUMN max_tokens_param TEXT",
+])
 SCHEMA_VERSION = len(MIGRATIONS)
 KEY_PREFIX = "sk-router-"
+AGENT_TOKEN_PREFIX = "sk-agent-"
+# credential names the router binds agents to besides agent tokens' own names: ROUTER_AGENT_TOKEN, the
+# master key, and open registration from loopback when no credential is configured
+RESERVED_TOKEN_NAMES = ("shared", "master", "loopback")
 
 
 class RegistryError(ValueError):
     """Invalid input for the registry; the message is one line for the user."""
+
+
+class AgentNameTaken(RegistryError):
+    """The agent name is bound to another credential."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +106,7 @@ class ModelEntry:
     updated_at: float
     rpm: int | None = None
     tpm: int | None = None
+    max_tokens_param: str | None = None  # the field the upstream reads the output limit from; None: its default
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,22 +127,35 @@ def hash_key(key: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentToken:
+    name: str
+    token_hash: str
+    token_prefix: str
+    models: frozenset[str] | None  # hosted-provider names its agents may announce besides the usual ones
+    created_at: float
+    revoked_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class AgentEntry:
     name: str
     endpoint: str
     models: tuple[str, ...]
     registered_at: float
     last_heartbeat: float
+    token_name: str | None = None  # the credential that registered it (None: registered before tokens)
 
 
-def validate_url(url: str, what: str = "endpoint") -> str:
-    parts = urlsplit(url.strip()) if isinstance(url, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+def validate_url(url: object, what: str = "endpoint") -> str:
+    if not isinstance(url, str):
         raise RegistryError(f"{what} must be an http(s) URL with a host, got {url!r}")
     try:
-        parts.port  # noqa: B018 - raises on a malformed port
+        parts = urlsplit(url.strip())
+        host, _ = parts.hostname, parts.port  # both raise ValueError on a malformed netloc or port
     except ValueError:
-        raise RegistryError(f"{what} has an invalid port: {url!r}") from None
+        raise RegistryError(f"{what} is not a valid URL (bad host or port): {url!r}") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise RegistryError(f"{what} must be an http(s) URL with a host, got {url!r}")
     return url.strip()
 
 
@@ -137,11 +176,12 @@ class RegistryStore:
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def connect(self) -> sqlite3.Connection:
+    def connect(self, busy_timeout: float = 10.0) -> sqlite3.Connection:
+        """A connection that waits up to `busy_timeout` seconds for another writer's lock."""
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 10000")
+        conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         self._migrate(conn)
@@ -169,15 +209,32 @@ class RegistryStore:
         conn.execute("BEGIN")
         try:
             models = [ModelEntry(*row) for row in conn.execute(
-                "SELECT name, type, endpoint, kind, created_at, updated_at, rpm, tpm FROM models ORDER BY name")]
-            agents = [
-                AgentEntry(name, endpoint, tuple(orjson.loads(models_json)), reg, hb)
-                for name, endpoint, models_json, reg, hb in conn.execute(
-                    "SELECT name, endpoint, models, registered_at, last_heartbeat FROM agents ORDER BY name")
-            ]
+                "SELECT name, type, endpoint, kind, created_at, updated_at, rpm, tpm, max_tokens_param FROM models "
+                "ORDER BY name")]
+            agents = [self._agent(row)
+                      for row in conn.execute(f"SELECT {self._AGENT_COLUMNS} FROM agents ORDER BY name")]
         finally:
             conn.execute("COMMIT")
         return models, agents
+
+    _AGENT_COLUMNS = "name, endpoint, models, registered_at, last_heartbeat, token_name"
+
+    @staticmethod
+    def _agent(row: tuple[str, str, str, float, float, str | None]) -> AgentEntry:
+        name, endpoint, models_json, reg, hb, token_name = row
+        return AgentEntry(name, endpoint, tuple(orjson.loads(models_json)), reg, hb, token_name)
+
+    def load_agent(self, conn: sqlite3.Connection, name: str) -> AgentEntry | None:
+        row = conn.execute(f"SELECT {self._AGENT_COLUMNS} FROM agents WHERE name = ?", (name,)).fetchone()
+        return self._agent(row) if row is not None else None
+
+    def load_agent_tokens(self, conn: sqlite3.Connection) -> list[AgentToken]:
+        return [
+            AgentToken(name, token_hash, prefix, frozenset(orjson.loads(models)) if models is not None else None,
+                       created, revoked)
+            for name, token_hash, prefix, models, created, revoked in conn.execute(
+                "SELECT name, token_hash, token_prefix, models, created_at, revoked_at FROM agent_tokens ORDER BY name")
+        ]
 
     def load_keys(self, conn: sqlite3.Connection) -> list[ClientKey]:
         return [
@@ -213,6 +270,13 @@ class RegistryStore:
                 raise RegistryError(f"{what} must be 0 (no limit) or more")
         return conn.execute("UPDATE models SET rpm = ?, tpm = ?, updated_at = ? WHERE name = ?",
                             (rpm or None, tpm or None, time.time(), name)).rowcount > 0
+
+    def set_max_tokens_param(self, conn: sqlite3.Connection, name: str, param: str | None) -> bool:
+        """Which field carries a model's output-token limit upstream (None: the provider's default)."""
+        if param not in (None, "max_tokens", "max_completion_tokens"):
+            raise RegistryError("--max-tokens-param must be max_tokens, max_completion_tokens or default")
+        return conn.execute("UPDATE models SET max_tokens_param = ?, updated_at = ? WHERE name = ?",
+                            (param, time.time(), name)).rowcount > 0
 
     # -- client keys ----------------------------------------------------------------
 
@@ -287,16 +351,66 @@ class RegistryStore:
 
     # -- agent writes --------------------------------------------------------
 
-    def register_agent(self, conn: sqlite3.Connection, name: str, endpoint: str,
-                       models: Sequence[str], now: float) -> AgentEntry:
-        conn.execute(
-            """INSERT INTO agents (name, endpoint, models, registered_at, last_heartbeat)
-               VALUES (?, ?, ?, ?, ?)
+    def register_agent(self, conn: sqlite3.Connection, name: str, endpoint: str, models: Sequence[str],
+                       now: float, token_name: str, take_over: bool = False) -> AgentEntry:
+        """Insert or update the agent, in one statement: a name registered with another credential is
+        left alone (AgentNameTaken) unless `take_over` (the master key). Rows from before credentials
+        (token_name NULL) go to the first credential that registers them."""
+        updated = conn.execute(
+            """INSERT INTO agents (name, endpoint, models, registered_at, last_heartbeat, token_name)
+               VALUES (?, ?, ?, ?, ?, ?)
                ON CONFLICT(name) DO UPDATE SET endpoint = excluded.endpoint, models = excluded.models,
-                   registered_at = excluded.registered_at, last_heartbeat = excluded.last_heartbeat""",
-            (name, endpoint, orjson.dumps(list(models)).decode(), now, now),
-        )
-        return AgentEntry(name, endpoint, tuple(models), now, now)
+                   registered_at = excluded.registered_at, last_heartbeat = excluded.last_heartbeat,
+                   token_name = excluded.token_name
+               WHERE ? OR agents.token_name IS NULL OR agents.token_name = excluded.token_name""",
+            (name, endpoint, orjson.dumps(list(models)).decode(), now, now, token_name, take_over),
+        ).rowcount
+        if not updated:
+            raise AgentNameTaken(f"agent {name!r} is registered with another credential")
+        return AgentEntry(name, endpoint, tuple(models), now, now, token_name)
 
-    def heartbeat(self, conn: sqlite3.Connection, name: str, now: float) -> bool:
-        return conn.execute("UPDATE agents SET last_heartbeat = ? WHERE name = ?", (now, name)).rowcount > 0
+    def heartbeat(self, conn: sqlite3.Connection, name: str, now: float, token_name: str,
+                  take_over: bool = False) -> AgentEntry | None:
+        """The agent after its heartbeat; None if it is unknown; AgentNameTaken if another credential's."""
+        if conn.execute("UPDATE agents SET last_heartbeat = ? WHERE name = ? AND (? OR token_name IS NULL "
+                        "OR token_name = ?)", (now, name, take_over, token_name)).rowcount:
+            return self.load_agent(conn, name)
+        if self.load_agent(conn, name) is not None:
+            raise AgentNameTaken(f"agent {name!r} is registered with another credential")
+        return None
+
+    def delete_dead_agents(self, conn: sqlite3.Connection, heard_before: float) -> list[str]:
+        """Delete the agents whose last heartbeat is older than `heard_before`; their names."""
+        names = [row[0] for row in conn.execute(
+            "DELETE FROM agents WHERE last_heartbeat < ? RETURNING name", (heard_before,))]
+        return names
+
+    # -- agent tokens ----------------------------------------------------------------
+
+    def create_agent_token(self, conn: sqlite3.Connection, name: str,
+                           models: list[str] | None) -> tuple[str, AgentToken]:
+        """A new agent token: the secret is returned once; only its hash is stored."""
+        name = name.strip()
+        if not name:
+            raise RegistryError("agent token name must not be empty")
+        if name in RESERVED_TOKEN_NAMES:
+            raise RegistryError(f"{name!r} is reserved; choose another name")
+        if models is not None and (not models or not all(m.strip() for m in models)):
+            raise RegistryError("--models must list at least one model name")
+        secret = AGENT_TOKEN_PREFIX + secrets.token_urlsafe(32)
+        prefix = secret[: len(AGENT_TOKEN_PREFIX) + 6]
+        stored = sorted({m.strip() for m in models}) if models is not None else None
+        now = time.time()
+        try:
+            conn.execute(
+                "INSERT INTO agent_tokens (name, token_hash, token_prefix, models, created_at) VALUES (?, ?, ?, ?, ?)",
+                (name, hash_key(secret), prefix, orjson.dumps(stored).decode() if stored is not None else None, now))
+        except sqlite3.IntegrityError:
+            raise RegistryError(f"an agent token named {name!r} already exists") from None
+        return secret, AgentToken(name, hash_key(secret), prefix,
+                                  frozenset(stored) if stored is not None else None, now, None)
+
+    def revoke_agent_token(self, conn: sqlite3.Connection, name_or_prefix: str) -> int:
+        return conn.execute("UPDATE agent_tokens SET revoked_at = ? WHERE revoked_at IS NULL AND "
+                            "(name = ? OR token_prefix = ?)",
+                            (time.time(), name_or_prefix, name_or_prefix)).rowcount

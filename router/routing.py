@@ -3,7 +3,9 @@
 Order: the registry (its `type` picks the provider class, its `endpoint` the
 base URL), then models announced by live agents, then the prefix rules of the
 design. Every lookup is a dict hit plus a short fixed list of prefixes: O(1) in
-the size of the registry. `rebuild` runs when the registry snapshot changes.
+the size of the registry. `rebuild` runs when the registry's models change;
+an agent's (re-)registration or removal only touches the pools of the models it
+announced or dropped (`agent_changed`), and a heartbeat touches no route.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class RouteTable:
         self.dummy = DummyProvider()
         self.models: dict[str, Provider] = {"dummy": self.dummy}
         self.agent_models: dict[str, LocalProvider] = {}
+        self.pools: dict[str, AgentPool] = {}  # model -> the agents that announced it (alive or not)
         self.prefixes: tuple[tuple[str, Provider], ...] = tuple(
             (prefix, provider)
             for prefix, type_ in PREFIX_RULES
@@ -65,19 +68,46 @@ class RouteTable:
         for entry in models:
             if entry.type == "dummy":
                 table[entry.name] = self.dummy
-            elif entry.type == "local":
-                table[entry.name] = LocalProvider(self.http, entry.endpoint, pools.get(entry.name),
+            elif entry.type == "local":  # always with a pool (maybe empty), so agents can join it later
+                pool = pools.setdefault(entry.name, AgentPool(self.agents, []))
+                table[entry.name] = LocalProvider(self.http, entry.endpoint, pool,
                                                   token=self.settings.router_agent_token)
             elif entry.type == HuggingFaceProvider.type:
                 table[entry.name] = HuggingFaceProvider(self.weights, entry.endpoint)
             else:
-                table[entry.name] = build_provider(entry.type, self.http, entry.endpoint, self.settings)
+                table[entry.name] = build_provider(entry.type, self.http, entry.endpoint, self.settings,
+                                                   entry.max_tokens_param)
         table.setdefault("dummy", self.dummy)
         self.models = table
-        self.agent_models = {
-            name: LocalProvider(self.http, None, pool, token=self.settings.router_agent_token)
-            for name, pool in pools.items() if name not in table
-        }
+        self.pools = pools
+        self.agent_models = {name: self._agent_provider(pool) for name, pool in pools.items() if name not in table}
+
+    def _agent_provider(self, pool: AgentPool) -> LocalProvider:
+        return LocalProvider(self.http, None, pool, token=self.settings.router_agent_token)
+
+    def agent_changed(self, name: str, old_models: tuple[str, ...], new_models: tuple[str, ...]) -> None:
+        """Agent `name` now announces `new_models` instead of `old_models` (empty: it is gone).
+
+        Only the pools of the models it dropped or added change: O(those models x their agents)."""
+        new = set(new_models)
+        for model in set(old_models) - new:
+            pool = self.pools.get(model)
+            if pool is None:
+                continue
+            pool.names = [n for n in pool.names if n != name]  # a new list: a pick in progress keeps its own
+            if not pool.names and model not in self.models:
+                del self.pools[model]
+                self.agent_models.pop(model, None)
+        for model in new_models:
+            if model in old_models:
+                continue
+            pool = self.pools.get(model)
+            if pool is None:
+                pool = self.pools[model] = AgentPool(self.agents, [name])
+                if model not in self.models:
+                    self.agent_models[model] = self._agent_provider(pool)
+            elif name not in pool.names:
+                pool.names = [*pool.names, name]
 
     def resolve(self, model: str) -> Provider:
         provider = self.models.get(model)

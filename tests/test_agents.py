@@ -65,7 +65,8 @@ def test_reregistering_updates_in_place(start_router, agents) -> None:
 
 
 def test_requests_spread_across_agents_by_fewest_in_flight(start_router, agents) -> None:
-    router = start_router({"LOCAL_AGENT_URL": ""})
+    # the stub's gated model has a hosted-provider name (gpt-): agents may announce it once allowed
+    router = start_router({"LOCAL_AGENT_URL": "", "ROUTER_AGENT_ALLOWED_MODELS": "gpt-gated"})
     with router.http() as http:
         # both agents serve the stub's gated model: a stream of it stays open until the gate opens
         register(http, "a0", agents[0].url, ["gpt-gated"])

@@ -1,1 +1,2 @@
-"""The Local Agent: runs vLLM (or fronts other OpenAI-compatible) workers on a GPU host and announces them to the router."""
+"""The Local Agent: runs vLLM (or fronts other OpenAI-compatible) workers on a GPU host and announces them to the
+router."""

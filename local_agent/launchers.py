@@ -37,7 +37,7 @@ class Launcher(ABC):
     def base_url(self) -> str:
         """Where the engine answers OpenAI requests (no /v1)."""
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - an external server has nothing to start
         """Start the engine (returns at once; health is checked by the supervisor)."""
 
     async def wait_exit(self, timeout: float) -> int | None:
@@ -45,7 +45,7 @@ class Launcher(ABC):
         await asyncio.sleep(timeout)
         return None
 
-    async def stop(self) -> None:
+    async def stop(self) -> None:  # noqa: B027 - nor to stop
         """Stop the engine and wait for it to be gone."""
 
     def describe(self) -> dict[str, object]:
@@ -92,7 +92,7 @@ class ProcessLauncher(Launcher):
     async def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         command = self.command()
-        with open(self.log_path, "ab") as out:
+        with await asyncio.to_thread(open, self.log_path, "ab") as out:
             self.proc = await asyncio.create_subprocess_exec(
                 *command, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
                 env=self.environment(), start_new_session=True)
@@ -104,7 +104,7 @@ class ProcessLauncher(Launcher):
             return await super().wait_exit(timeout)
         try:
             return await asyncio.wait_for(asyncio.shield(self.proc.wait()), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
 
     def _signal(self, sig: int) -> None:
@@ -172,7 +172,7 @@ class DockerLauncher(ProcessLauncher):
                                                         stdout=asyncio.subprocess.DEVNULL,
                                                         stderr=asyncio.subprocess.DEVNULL)
             await asyncio.wait_for(proc.wait(), self.spec.stop_timeout + 10)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             log.warning("worker %s: docker %s failed: %s", self.spec.model, args[0], exc)
 
 

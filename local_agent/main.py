@@ -4,9 +4,12 @@ Endpoints: `POST /v1/chat/completions` and `POST /v1/completions` (forwarded
 by `model` to a healthy worker, fewest in-flight first; JSON relayed whole and
 SSE chunk by chunk through the router's own `UpstreamClient`), `GET /v1/models`
 (the models this agent can serve now), `GET /workers` (each worker's state),
-`GET /health`. The lifespan starts the workers and the announcer; on SIGTERM
-uvicorn stops accepting, lets in-flight requests finish, and only then are the
-workers stopped.
+`GET /health`. A worker with `upstream_model` gets that name in the request and
+clients get theirs back in every answer (`router.model_rename`); a router's
+hop header goes on to the worker, so a worker that is a router sees a loop.
+The lifespan starts the workers and the announcer; on SIGTERM uvicorn stops
+accepting, lets in-flight requests finish, and only then are the workers
+stopped.
 """
 
 from __future__ import annotations
@@ -29,13 +32,16 @@ from starlette.types import Receive, Scope, Send
 from local_agent.config import AgentSettings, load_agent_settings
 from local_agent.registration import Announcer
 from local_agent.workers import Supervisor, Worker
+from router import hops
 from router.api.chat import parse_object, read_body
 from router.config import ConfigError
 from router.errors import RouterError, Scrubber, http_error_response, router_error_response
+from router.observability import console_handler
 from router.upstream import NOT_ANSWERED, SSEResponse, UpstreamClient
 
 log = logging.getLogger("local_agent")
 FORWARDED = ("/v1/chat/completions", "/v1/completions")
+_HOP_HEADER = hops.HOP_HEADER.encode()
 
 
 class Agent:
@@ -79,6 +85,7 @@ class Agent:
         try:
             self.authorize(scope)
             body = await read_body(scope, receive, self.settings.max_body_bytes)
+            hops.outgoing.set(_received_hops(scope))  # a worker that is a router sees the chain and can refuse a loop
             response = await self._forward(scope["path"], body)
         except RouterError as exc:
             response = exc.response()
@@ -89,22 +96,22 @@ class Agent:
         await response(scope, receive, send)
 
     async def _forward(self, path: str, body: bytes) -> Response | SSEResponse:
-        model, stream, payload = parse_request(body)
+        model, stream, _ = parse_request(body)
         tried: tuple[Worker, ...] = ()
         while True:
             worker = self.supervisor.pick(model, tried)
             if worker is None:
                 raise self._unavailable(model, tried)
-            sent = body
-            if worker.upstream_model is not None:  # the only case where the body is re-serialized
-                sent = orjson.dumps({**payload, "model": worker.upstream_model})
+            rename = worker.rename  # the worker knows the model by another name: clients never see it
             try:
-                return await self._send(worker, path, sent, stream)
+                response = await self._send(worker, path, body if rename is None else rename.request(body), stream)
             except RouterError as exc:
                 if exc.code not in NOT_ANSWERED:  # the worker answered nothing: another may take it
                     raise
                 self.supervisor.suspect(worker, exc.message)
                 tried += (worker,)
+                continue
+            return response if rename is None else rename.response(response)
 
     async def _send(self, worker: Worker, path: str, body: bytes, stream: bool) -> Response | SSEResponse:
         worker.in_flight += 1
@@ -157,6 +164,12 @@ class Agent:
         return Response(orjson.dumps({"status": "ok", "healthy_models": models}), media_type="application/json")
 
 
+def _received_hops(scope: Scope) -> str | None:
+    """The routers this request passed through (`x-llm-router-hops`), passed on to the worker unchanged."""
+    received = [value.decode("latin-1") for name, value in scope["headers"] if name == _HOP_HEADER]
+    return ",".join(received) if received else None
+
+
 def parse_request(body: bytes) -> tuple[str, bool, dict[str, Any]]:
     """The `model` and `stream` fields; the payload itself is forwarded as the client sent it."""
     payload = parse_object(body)
@@ -176,7 +189,8 @@ async def _method_not_allowed(request: Request) -> Response:
 
 def create_app(settings: AgentSettings | None = None) -> AgentApp:
     settings = settings or load_agent_settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level,
+                        handlers=[console_handler("%(asctime)s %(levelname)s %(name)s: %(message)s")])
     agent = Agent(settings)
 
     @asynccontextmanager

@@ -7,7 +7,8 @@ gets healthy within `start_timeout`) goes to `restarting`, waits 1, 2, 4 ...
 seconds (up to `restart_backoff_max`) and starts again; `stopping` ->
 `stopped` on shutdown. An external server is never restarted, only watched.
 A change in the set of healthy models calls `on_change` (the announcer
-re-registers at once).
+re-registers at once). `/workers` reports the engine the agent launched, and
+for an external server `external` with what its `/v1/models` says (`owned_by`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import time
 from collections.abc import Callable
 
 import aiohttp
+import orjson
 from yarl import URL
 
 from local_agent.config import AgentSettings, WorkerSpec
 from local_agent.launchers import ExternalLauncher, Launcher, launcher_for
+from router.model_rename import ModelRename
 
 log = logging.getLogger("local_agent.workers")
 HEALTH_TIMEOUT = 3.0
@@ -46,7 +49,11 @@ class Worker:
         base = launcher.base_url
         self.urls = {path: URL(base + path, encoded=True)
                      for path in ("/v1/chat/completions", "/v1/completions", spec.health)}
-        self.upstream_model = spec.upstream_model if spec.upstream_model not in (None, spec.model) else None
+        # an external server that knows the model by another name: requests and answers are renamed
+        self.rename = (ModelRename(spec.model, spec.upstream_model)
+                       if spec.upstream_model not in (None, spec.model) else None)
+        self.external = isinstance(launcher, ExternalLauncher)
+        self.owned_by: str | None = None  # an external server's own word on who serves the model
 
     def done(self) -> None:
         """A request to this worker ended (answered, streamed to the end, or failed)."""
@@ -60,7 +67,10 @@ class Worker:
         return {
             "index": self.index,
             "model": self.spec.model,
-            "engine": self.spec.engine,
+            # what is true: the engine the agent launched; an external server is whatever it says it is
+            "engine": "external" if self.external else self.spec.engine,
+            "owned_by": self.owned_by,
+            "upstream_model": self.rename.upstream if self.rename else None,
             "launcher": self.spec.launcher,
             "url": self.launcher.base_url,
             "state": self.state,
@@ -147,9 +157,11 @@ class Supervisor:
         assert self._session is not None
         try:
             async with self._session.get(worker.urls[worker.spec.health]) as resp:
-                await resp.read()
+                body = await resp.read()
+                if resp.status == 200 and worker.external and worker.spec.health == "/v1/models":
+                    worker.owned_by = _owned_by(body, worker.rename.upstream if worker.rename else worker.spec.model)
                 return resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     async def _run(self, worker: Worker) -> None:
@@ -200,3 +212,14 @@ class Supervisor:
             if healthy_at is None and not external and time.monotonic() > deadline:
                 self._set(worker, "restarting", f"not healthy within {spec.start_timeout:.0f}s")
                 return 0.0
+
+
+def _owned_by(body: bytes, model: str) -> str | None:
+    """`owned_by` of `model` (else of the first model) in a `/v1/models` answer; None if it has none."""
+    try:
+        data = orjson.loads(body)["data"]
+        entry = next((m for m in data if m.get("id") == model), data[0])
+        owner = entry.get("owned_by")
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+    return owner[:100] if isinstance(owner, str) else None

@@ -1,11 +1,13 @@
 """Local models served by Local Agents (`local_agent`), OpenAI-compatible.
 
 A request goes to a live agent that announced the model (fewest in-flight
-requests first); with none alive, to the registry endpoint or `LOCAL_AGENT_URL`.
-An agent that cannot be reached, or that closes the connection before
-answering, is skipped for the next one. JSON and SSE are relayed as they come, exactly like the OpenAI
-pass-through. With `ROUTER_AGENT_TOKEN` set, it is sent to agents as a bearer
-token (agents configured with it require it).
+requests first); an agent that cannot be reached, or that closes the connection
+before answering, is skipped for the next one, and the registry endpoint or
+`LOCAL_AGENT_URL` comes last. When none answers: 503 `no_live_agent` with
+`Retry-After`, naming each one tried and why it failed. JSON and SSE are
+relayed as they come, exactly like the OpenAI pass-through. With
+`ROUTER_AGENT_TOKEN` set, it is sent to agents as a bearer token (agents
+configured with it require it).
 """
 
 from __future__ import annotations
@@ -44,25 +46,31 @@ class LocalProvider(ApiProvider):
             url = self._urls[endpoint] = URL(normalize_base_url(endpoint) + "/v1/chat/completions", encoded=True)
         return url
 
-    async def chat(self, call: ChatCall) -> Response:
-        tried: tuple[str, ...] = ()
-        while self.pool is not None and (agent := self.pool.pick(tried)) is not None:
+    async def chat(self, call: ChatCall) -> Response | SSEResponse:
+        skipped: tuple[str, ...] = ()
+        tried: list[str] = []  # what could not be reached, and why: the client is told
+        while self.pool is not None and (agent := self.pool.pick(skipped)) is not None:
             try:
                 return await self._send(self.pool, agent, call)
             except RouterError as exc:
                 if exc.code not in NOT_ANSWERED:
                     raise
-                tried += (agent.name,)
-        if tried:
-            raise RouterError(502, f"no agent serving '{call.model}' could be reached (tried {', '.join(tried)})",
-                              code="upstream_unreachable")
-        if self.fallback_url is None:  # e.g. its agent is restarting a worker, or its heartbeats lapsed
-            raise RouterError(503, f"No live agent serves '{call.model}' right now (and LOCAL_AGENT_URL is not "
-                              "set); retry shortly.", code="no_live_agent", headers={"Retry-After": "5"})
-        return await self.http.forward(self.type, self._chat_url(self.fallback_url), call.body,
-                                       self.headers(), call.stream)
+                skipped += (agent.name,)
+                tried.append(f"agent {agent.name}: {exc.message}")
+        if self.fallback_url is not None:  # the registry endpoint or LOCAL_AGENT_URL: the last one to try
+            try:
+                return await self.http.forward(self.type, self._chat_url(self.fallback_url), call.body,
+                                               self.headers(), call.stream)
+            except RouterError as exc:
+                if exc.code not in NOT_ANSWERED:
+                    raise
+                tried.append(exc.message)
+        elif not tried:  # e.g. its agent is restarting a worker, or its heartbeats lapsed
+            tried.append("and LOCAL_AGENT_URL is not set")
+        raise RouterError(503, f"No live agent serves '{call.model}' right now ({'; '.join(tried)}); retry shortly.",
+                          code="no_live_agent", headers={"Retry-After": "5"})
 
-    async def _send(self, pool: AgentPool, agent: AgentEntry, call: ChatCall) -> Response:
+    async def _send(self, pool: AgentPool, agent: AgentEntry, call: ChatCall) -> Response | SSEResponse:
         tracker = pool.tracker
         tracker.begin(agent.name)
         try:

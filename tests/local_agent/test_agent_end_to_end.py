@@ -88,8 +88,8 @@ def test_chat_through_router_agent_and_llama_cpp(start_router, start_agent, llam
     client = router.client(timeout=120)
     raw = client.chat.completions.with_raw_response.create(model="local-smollm2", messages=QUESTION,
                                                             max_tokens=30, temperature=0)
-    # the engine's own answer, byte for byte (llama.cpp names the model by its alias and omits `refusal`)
-    assert orjson.loads(raw.content)["model"] == "smollm2-gguf"
+    # the engine's own answer, but with the name the client asked for (llama.cpp names it by its alias)
+    assert orjson.loads(raw.content)["model"] == "local-smollm2" and b"smollm2-gguf" not in raw.content
     answer = raw.parse()
     assert "paris" in (answer.choices[0].message.content or "").lower()
     assert answer.usage is not None and answer.usage.completion_tokens > 0
@@ -99,10 +99,12 @@ def test_chat_through_router_agent_and_llama_cpp(start_router, start_agent, llam
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "paris" in text.lower() and len(chunks) > 3
+    assert {c.model for c in chunks} == {"local-smollm2"}
     with router.http() as http:  # relayed as the engine sent it: many events, ending with [DONE]
         raw_stream = http.post("/v1/chat/completions", json={"model": "local-smollm2", "messages": QUESTION,
                                                             "max_tokens": 10, "stream": True}).content
     assert raw_stream.count(b"data: ") > 5 and raw_stream.rstrip().endswith(b"data: [DONE]")
+    assert b"smollm2-gguf" not in raw_stream
 
     # the agent's own endpoints
     models = httpx.get(agent.url + "/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}).json()
@@ -204,7 +206,7 @@ def test_two_agents_share_a_model_and_one_dying_is_skipped(start_router, start_a
     config = {"router_url": router.url, "workers": [external("local-smollm2", llama.url, "smollm2-gguf")]}
     a, b = start_agent(config, name="agent-a"), start_agent(config, name="agent-b")
     for agent in (a, b):
-        assert wait_for(lambda: agent.workers()["router"]["registered_models"] == ["local-smollm2"])  # type: ignore[index]
+        assert wait_for(lambda agent=agent: agent.workers()["router"]["registered_models"] == ["local-smollm2"])  # type: ignore[index]
     assert routed(router, "local-smollm2")
     client = router.client(timeout=60)
     for _ in range(6):

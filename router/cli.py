@@ -100,7 +100,7 @@ def serve(
     uvicorn.run(
         "router.app:create_app", factory=True,
         host=host or s.router_host, port=port or s.router_port, workers=workers,
-        # httptools with a deadline for request heads (REQUEST_HEADER_TIMEOUT)
+        # httptools with deadlines for request heads and bodies (REQUEST_HEADER_TIMEOUT, REQUEST_BODY_TIMEOUT)
         loop="uvloop", http=RouterHttpProtocol, access_log=False, log_level=s.log_level.lower(),
         # uvicorn answers 503 to a request while open connections (idle kept-alive ones included) or
         # running requests reach limit_concurrency: so N connections are served and the N+1th is refused

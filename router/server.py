@@ -1,11 +1,15 @@
-"""The HTTP protocol `router serve` runs: uvicorn's httptools protocol with a request-head timeout.
+"""The HTTP protocol `router serve` runs: uvicorn's httptools protocol with deadlines for a request's
+head and body.
 
-uvicorn bounds idle keep-alive connections but not a request whose head trickles in (or never
-comes), so each such connection would be held open for ever. `RouterHttpProtocol` gives every
-request head `REQUEST_HEADER_TIMEOUT` seconds, counted from the connection's opening for the first
-request and from the first byte of each later one (nginx's `client_header_timeout`): a connection
-still without a complete head then gets `408` (nothing when no byte came) and is closed. The
-body's own deadline is the chat handler's (`REQUEST_BODY_TIMEOUT`).
+uvicorn bounds idle keep-alive connections but not a request whose head or body trickles in (or never
+comes), so each such connection would be held open for ever. `RouterHttpProtocol` gives every request
+head `REQUEST_HEADER_TIMEOUT` seconds, counted from the connection's opening for the first request and
+from the first byte of each later one (nginx's `client_header_timeout`), and every request body
+`REQUEST_BODY_TIMEOUT` seconds from the end of its head (nginx's `client_body_timeout` bounds the gap
+between reads; this bounds the whole body). A request late in either phase gets `408` (nothing when
+no byte came at all) and its connection is closed; the handler waiting for the body then sees the
+client gone. One timer per connection does this, so a request costs a few attribute writes and a
+clock read, not a timer of its own.
 """
 
 from __future__ import annotations
@@ -20,64 +24,89 @@ from uvicorn.server import ServerState
 from router.config import Settings
 from router.errors import error_body
 
-_TIMEOUT_BODY = error_body("The request's headers did not arrive in time.", 408, code="request_timeout")
-_TIMEOUT_HEAD = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                 b"content-length: %d\r\nconnection: close\r\n" % len(_TIMEOUT_BODY))
+
+def _timeout_response(what: str) -> tuple[bytes, bytes]:
+    body = error_body(f"The request's {what} did not arrive in time.", 408, code="request_timeout")
+    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n" % len(body)), body
+
+
+_HEAD_LATE = _timeout_response("headers")
+_BODY_LATE = _timeout_response("body")
 
 
 class RouterHttpProtocol(HttpToolsProtocol):
-    """One client connection; closes it when a request head is not complete within `header_timeout`."""
+    """One client connection; closes it when a request's head or body is late."""
 
-    header_timeout = 10.0  # set from the settings by `configure`, in each worker, before it serves
+    # set from the settings by `configure`, in each worker, before it serves
+    header_timeout = 10.0
+    body_timeout = 30.0
 
     @classmethod
     def configure(cls, settings: Settings) -> None:
         cls.header_timeout = settings.request_header_timeout
+        cls.body_timeout = settings.request_body_timeout
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
                  _loop: asyncio.AbstractEventLoop | None = None) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        self._head_since: float | None = None  # when the pending request head began; None: none pending
+        self._since: float | None = None  # when the pending phase (head or body) began; None: none pending
+        self._limit = self.header_timeout  # the pending phase's allowance
+        self._in_body = False  # the pending phase is a body (else a head)
         self._head_bytes = False  # a byte of the pending head has arrived
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
-    # One timer per connection, not per request: it fires at the pending head's deadline, or a timeout
-    # later when no head is pending; a request costs two attribute writes and a clock read.
+    # The timer fires at the pending phase's deadline, or a head allowance later when nothing is pending.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._head_since = self.loop.time()
-        self._head_timer = self.loop.call_later(self.header_timeout, self._check_head)
+        self._since = self.loop.time()
+        self._timer = self.loop.call_later(self.header_timeout, self._check)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_bytes = True
-        if self._head_since is None:  # a later request on a kept-alive connection: its own deadline
-            self._head_since = self.loop.time()
+        if self._since is None:  # a later request on a kept-alive connection: its own deadline
+            self._since = self.loop.time()
+            self._limit, self._in_body = self.header_timeout, False
 
     def on_headers_complete(self) -> None:
-        self._head_since = None
         self._head_bytes = False
         super().on_headers_complete()
+        if self.pipeline:  # queued behind a request still being answered: its body is read later
+            self._since = None
+        else:
+            self._since = self.loop.time()
+            self._limit, self._in_body = self.body_timeout, True
+            deadline = self._since + self.body_timeout
+            if self._timer is not None and self._timer.when() > deadline:  # a body allowance below the head's
+                self._timer.cancel()
+                self._timer = self.loop.call_at(deadline, self._check)
 
-    def _check_head(self) -> None:
-        self._head_timer = None
+    def on_message_complete(self) -> None:
+        self._since = None
+        super().on_message_complete()
+
+    def _check(self) -> None:
+        self._timer = None
         if self.transport.is_closing():
             return
-        left = self.header_timeout if self._head_since is None else \
-            self._head_since + self.header_timeout - self.loop.time()
+        left = self.header_timeout if self._since is None else self._since + self._limit - self.loop.time()
         if left > 0:
-            self._head_timer = self.loop.call_later(left, self._check_head)
-        elif self.cycle is not None and not self.cycle.response_complete:
-            # a pipelined head trickles in while the previous request is answered: finish that, then close
-            self.cycle.keep_alive = False
-        else:
-            if self._head_bytes:
-                headers = b"".join(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers)
-                self.transport.write(_TIMEOUT_HEAD + headers + b"\r\n" + _TIMEOUT_BODY)
-            self.transport.close()
+            self._timer = self.loop.call_later(left, self._check)
+            return
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
+            # an answer is on its way (a pipelined head trickles in behind it, say): finish it, then close
+            cycle.keep_alive = False
+            return
+        late = _BODY_LATE if self._in_body else _HEAD_LATE if self._head_bytes else None
+        if late is not None:
+            headers = b"".join(name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers)
+            self.transport.write(late[0] + headers + b"\r\n" + late[1])
+        self.transport.close()  # uvicorn then tells a handler waiting for the body that the client left

@@ -9,7 +9,6 @@ Starlette route."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import logging
@@ -43,6 +42,13 @@ def _too_large(limit: int) -> RouterError:
                        headers=CLOSE)
 
 
+def _client_gone() -> RouterError:
+    # the client closed the connection, or `server.RouterHttpProtocol` closed it for a late body (after
+    # answering 408): nobody reads this answer; 499 is what access logs and metrics call it (nginx's code)
+    return RouterError(499, "The client closed the connection before sending the whole body.",
+                       code="client_closed_request")
+
+
 async def _discard(receive: Receive, message: Message) -> None:
     """Read and drop the rest of a refused body, at most `DISCARD_LIMIT` bytes."""
     dropped = 0
@@ -51,7 +57,11 @@ async def _discard(receive: Receive, message: Message) -> None:
         dropped += len(message.get("body", b""))
 
 
-async def _read(scope: Scope, receive: Receive, limit: int) -> bytes:
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The whole body; 413 beyond `limit` bytes, after discarding the rest (and the connection closes).
+
+    Its deadline (`REQUEST_BODY_TIMEOUT`) is kept by the server's protocol (`router.server`), which costs a
+    request nothing; a client gone before the end is a 499 nobody reads."""
     for name, value in scope["headers"]:
         if name == b"content-length":
             if value.isdigit() and int(value) > limit:
@@ -60,6 +70,8 @@ async def _read(scope: Scope, receive: Receive, limit: int) -> bytes:
                 raise _too_large(limit)
             break
     message = await receive()
+    if message["type"] != "http.request":
+        raise _client_gone()
     body = message.get("body", b"")
     if not message.get("more_body", False):
         if len(body) > limit:
@@ -69,6 +81,8 @@ async def _read(scope: Scope, receive: Receive, limit: int) -> bytes:
     size = len(body)
     while message.get("more_body", False):
         message = await receive()
+        if message["type"] != "http.request":
+            raise _client_gone()
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
@@ -76,19 +90,6 @@ async def _read(scope: Scope, receive: Receive, limit: int) -> bytes:
             raise _too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-async def read_body(scope: Scope, receive: Receive, limit: int, timeout: float | None = None) -> bytes:
-    """The whole body: 413 beyond `limit` bytes (after discarding the rest), 408 if it takes over `timeout`
-    seconds; both close the connection."""
-    if timeout is None:
-        return await _read(scope, receive, limit)
-    try:
-        async with asyncio.timeout(timeout):
-            return await _read(scope, receive, limit)
-    except TimeoutError:
-        raise RouterError(408, f"The request body was not received within {timeout:g} seconds.",
-                          code="request_timeout", headers=CLOSE) from None
 
 
 # the stdlib decoder, objects kept as lists of pairs: the last object it builds is the outermost one
@@ -189,8 +190,7 @@ async def chat_completions(state: RouterState, scope: Scope, receive: Receive, s
     try:
         hops.enter(scope, state.settings.router_instance_id)  # 508 for a request that looped back here
         client = state.keys.authenticate(scope)
-        call = parse_chat(await read_body(scope, receive, state.settings.max_body_bytes,
-                                          state.settings.request_body_timeout))
+        call = parse_chat(await read_body(scope, receive, state.settings.max_body_bytes))
         provider = state.routes.resolve(call.model)
         if provider.max_tokens_param is not None:
             call = token_limit_as(call, provider.max_tokens_param)

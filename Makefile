@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 WHEELS ?= $(HOME)/.cache/router-wheels
 LLAMA_CPP := llama_cpp_python-0.3.36
 
-.PHONY: dev test lint bench bench-local install vllm clean
+.PHONY: dev test lint bench bench-routing bench-local install vllm clean
 
 # The virtualenv is rebuilt when pyproject.toml changes. `make dev` needs only the router itself;
 # `make test` adds the test tools and the local-inference stack (torch, transformers, llama.cpp's server).
@@ -49,6 +49,10 @@ test: lint
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.run
+
+# the routing strategies side by side on fake deployments (about 5 minutes); PASS/FAIL per target
+bench-routing: $(VENV)/.installed-test
+	$(BIN)/python -m bench.routing
 
 # load time, first-token latency and tokens/s of the local CPU paths (HF weights, agent + llama.cpp, agent + vLLM)
 bench-local: $(VENV)/.installed-test

@@ -5,6 +5,7 @@ request after another for a bounded time and count, timing every request
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -15,6 +16,13 @@ class Result:
     ttfb: list[float] = field(default_factory=list)
     errors: int = 0
     elapsed: float = 0.0
+    sent: int = 0  # requests sent and answered, warm-up and errors included
+    cpu: float = 0.0  # CPU seconds (user + system) the measured server process spent over the run, when known
+
+    @property
+    def cpu_per_request(self) -> float:
+        """Server CPU seconds per request (errors and warm-up included: the server did that work too)."""
+        return self.cpu / self.sent if self.sent else float("nan")
 
     @property
     def rps(self) -> float:
@@ -84,4 +92,12 @@ async def run(host: str, port: int, request: bytes, concurrency: int, seconds: f
     await asyncio.gather(*(_connection(host, port, request, deadline, budget, warm_until, out)
                            for _ in range(concurrency)))
     out.elapsed = min(time.perf_counter(), deadline) - warm_until
+    out.sent = max_requests - budget[0]
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (Linux's /proc; its threads included)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -3,8 +3,12 @@
 Starts the minimal stub upstream (`bench.stub`) and one router worker with
 everything that is on by default, drives keep-alive load at concurrency 1, 16
 and 64, streaming and not, and prints one table: req/s, p50 and p99 direct and
-through the router, and the latency the router adds. Then a soak of
-`--soak` requests checks the router's RSS for growth after warm-up.
+through the router, and the latency the router adds. Then the router beside a
+bare uvicorn+aiohttp+orjson proxy (`bench.bare_proxy`): throughput and CPU
+time per request at concurrency 16, and with a 50 ms upstream at concurrency
+64 (closed loop) the share of the direct rate each keeps and the p99 each
+adds. Then a soak of `--soak` requests checks the router's RSS for growth
+after warm-up.
 
     python -m bench.run [--seconds 3] [--soak 100000]
 """
@@ -23,7 +27,7 @@ from pathlib import Path
 import httpx
 import uvloop
 
-from bench.loadgen import Result, build_request, run
+from bench.loadgen import Result, build_request, cpu_seconds, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +71,14 @@ def start_router(work: Path, env: dict[str, str], name: str) -> tuple[subprocess
         env={**env, "PYTHONPATH": str(ROOT), "SQLITE_DB_PATH": str(folder / "models.db"),
              "LOG_DIR": str(folder / "logs")},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return proc, port
+
+
+def start_bare(env: dict[str, str], upstream_port: int) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.bare_proxy", str(port), f"http://127.0.0.1:{upstream_port}"],
+                            cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     return proc, port
 
 
@@ -114,11 +126,22 @@ def main() -> None:
                 # everything on, with the per-client limit (60/min by default) too high to bind: the
                 # limiter runs on every request without turning the benchmark into a 429 benchmark
                 "RATE_LIMIT_REQUESTS": "1000000000"})
-    procs = [subprocess.Popen([sys.executable, "-m", "bench.stub", str(stub_port)], cwd=ROOT, env=env)]
+    slow_port = free_port()  # the same stub answering after 50 ms
+    procs = [subprocess.Popen([sys.executable, "-m", "bench.stub", str(stub_port)], cwd=ROOT, env=env),
+             subprocess.Popen([sys.executable, "-m", "bench.stub", str(slow_port), "50"], cwd=ROOT, env=env)]
     routers: dict[str, int] = {}
+    args.pids, args.slow_port = {}, slow_port
     try:
         proc, routers["default"] = start_router(work, env, "default")
         procs.append(proc)
+        args.pids["router"] = proc.pid
+        proc, routers["slow"] = start_router(work, {**env, "OPENAI_BASE_URL": f"http://127.0.0.1:{slow_port}"}, "slow")
+        procs.append(proc)
+        args.pids["slow router"] = proc.pid
+        for name, upstream in (("bare", stub_port), ("slow bare", slow_port)):
+            proc, routers[name] = start_bare(env, upstream)
+            procs.append(proc)
+            args.pids[name] = proc.pid
         proc, routers["no-limits"] = start_router(work, {**env, "RATE_LIMIT_REQUESTS": "0"}, "no-limits")
         procs.append(proc)
         redis = start_redis(work)
@@ -129,12 +152,12 @@ def main() -> None:
             procs.append(proc)
         proc, args.agent_port = start_agent(work, env, stub_port)
         procs.append(proc)
-        args.pinned = pin(procs[0].pid, [p.pid for p in procs[1:]])
-        for port in routers.values():
-            wait_http(f"http://127.0.0.1:{port}/health")
+        args.pinned = pin([procs[0].pid, procs[1].pid], [p.pid for p in procs[2:]])
+        for name, port in routers.items():
+            wait_http(f"http://127.0.0.1:{port}/health" if "bare" not in name else f"http://127.0.0.1:{port}/")
         wait_http(f"http://127.0.0.1:{args.agent_port}/health")
         time.sleep(1.0)  # the agent's first health check of its worker
-        uvloop.run(bench(stub_port, routers, procs[1].pid, args))
+        uvloop.run(bench(stub_port, routers, args.pids["router"], args))
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -146,34 +169,70 @@ def main() -> None:
 
 
 async def interleaved(host: str, cases: list[tuple[str, int, bytes]], conc: int, args: argparse.Namespace,
-                      rounds: int = 4) -> dict[str, Result]:
+                      rounds: int = 4, pids: dict[str, int] | None = None) -> dict[str, Result]:
     """Cases take turns in short rounds, so drift in the machine's speed (it is a
-    shared VM) hits them all alike; the rounds' results are pooled per case."""
+    shared VM) hits them all alike; the rounds' results are pooled per case.
+    For a case whose server process is in `pids`, its CPU time over its turns is summed too."""
     pooled: dict[str, Result] = {}
     for _ in range(rounds):
         for label, port, body in cases:
+            pid = (pids or {}).get(label)
+            cpu = cpu_seconds(pid) if pid else 0.0
             r = await run(host, port, build_request(host, port, "/v1/chat/completions", body), conc,
                           args.seconds / rounds, args.max_requests, warmup=0.1)
             total = pooled.setdefault(label, Result())
+            total.cpu += cpu_seconds(pid) - cpu if pid else 0.0
             total.latencies += r.latencies
             total.ttfb += r.ttfb
             total.errors += r.errors
             total.elapsed += r.elapsed
+            total.sent += r.sent
     return pooled
 
 
-def pin(stub_pid: int, server_pids: list[int]) -> bool:
-    """Routers (one loaded at a time) and Redis on the last core, stub and load
-    generator on the others, so one run compares with the next instead of
+def pin(stub_pids: list[int], server_pids: list[int]) -> bool:
+    """Routers and proxies (one loaded at a time) and Redis on the last core, stubs
+    and load generator on the others, so one run compares with the next instead of
     depending on where the scheduler put things."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if len(cores) < 2:
         return False
     for pid in server_pids:
         os.sched_setaffinity(pid, {cores[-1]})
-    os.sched_setaffinity(stub_pid, set(cores[:-1]))
+    for pid in stub_pids:
+        os.sched_setaffinity(pid, set(cores[:-1]))
     os.sched_setaffinity(0, set(cores[:-1]))
     return True
+
+
+async def bare_comparison(host: str, stub_port: int, routers: dict[str, int], args: argparse.Namespace,
+                          plain: bytes, streamed: bytes) -> None:
+    """The router beside the bare proxy: the rate each keeps, the p99 each adds, the CPU each spends."""
+    print()
+    print("Router beside a bare uvicorn+aiohttp+orjson proxy (bench/bare_proxy.py), both in front of the same stub; "
+          "CPU is the server process's user+system time per request. Targets: router >= 0.9 x bare at c=16, "
+          ">= 0.95 x direct with a 50 ms upstream at c=64, CPU <= 1.2 x bare.")
+    print()
+    print("| upstream | mode | conc | direct req/s | bare req/s | router req/s | router/bare | bare/direct "
+          "| router/direct | bare added p99 ms | router added p99 ms | bare CPU us/req | router CPU us/req "
+          "| CPU router/bare |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    setups = [("no delay", stub_port, "bare", "default", "router", 16),
+              ("50 ms", args.slow_port, "slow bare", "slow", "slow router", 64)]
+    for upstream, direct_port, bare, router, router_pid, conc in setups:
+        for mode, body in (("non-stream", plain), ("stream", streamed)):
+            cases = [("direct", direct_port, body), ("bare", routers[bare], body), ("router", routers[router], body)]
+            pooled = await interleaved(host, cases, conc, args, rounds=6,
+                                       pids={"bare": args.pids[bare], "router": args.pids[router_pid]})
+            d, b, r = pooled["direct"], pooled["bare"], pooled["router"]
+            p99 = Result.pct(d.latencies, 99)
+            print(f"| {upstream} | {mode} | {conc} | {d.rps:,.0f} | {b.rps:,.0f} | {r.rps:,.0f} | "
+                  f"{r.rps / b.rps:.2f} | {b.rps / d.rps:.2f} | {r.rps / d.rps:.2f} | "
+                  f"{ms(Result.pct(b.latencies, 99) - p99)} | {ms(Result.pct(r.latencies, 99) - p99)} | "
+                  f"{b.cpu_per_request * 1e6:.0f} | {r.cpu_per_request * 1e6:.0f} | "
+                  f"{r.cpu_per_request / b.cpu_per_request:.2f} |", flush=True)
+            if b.errors or r.errors:
+                print(f"  ({b.errors} bare and {r.errors} router requests failed)")
 
 
 async def bench(stub_port: int, routers: dict[str, int], router_pid: int, args: argparse.Namespace) -> None:
@@ -202,6 +261,8 @@ async def bench(stub_port: int, routers: dict[str, int], router_pid: int, args: 
         print(f"| {mode} | {conc} | {d.rps:,.0f} | {ms(Result.pct(d.latencies, 50))} | "
               f"{ms(Result.pct(d.latencies, 99))} | {r.rps:,.0f} | {ms(Result.pct(r.latencies, 50))} | "
               f"{ms(Result.pct(r.latencies, 99))} | {ms(added)} | {'-' if mode != 'stream' else ms(ttfb)} |")
+
+    await bare_comparison(host, stub_port, routers, args, plain, streamed)
 
     print()
     print("Translation (Anthropic) against pass-through (OpenAI), both through the router:")
@@ -236,7 +297,9 @@ async def bench(stub_port: int, routers: dict[str, int], router_pid: int, args: 
              ("cache hit (in memory), limits on", "default", cached),
              ("cache hit (Redis), limits on (Redis)", "redis", cached)]
     for conc in (1, 16):
-        for name in routers:  # fill the caches for the hit rows
+        for name in ("default", "redis"):  # fill the caches for the hit rows
+            if name not in routers:
+                continue
             await run(host, routers[name], build_request(host, routers[name], "/v1/chat/completions", cached),
                       1, 0.2, 5, warmup=0)
         runnable = [(label, routers[name], body) for label, name, body in cases if name in routers]

@@ -1,14 +1,17 @@
 """Minimal upstream for benchmarks, speaking OpenAI's chat completions and
 Anthropic's messages (`POST /v1/messages`): a raw asyncio protocol on
 uvloop, keep-alive, canned answers, so it costs as little CPU as possible.
+With a delay, every answer is written that many milliseconds after its
+request arrived (a slow model's latency at no CPU cost).
 
-    python -m bench.stub PORT
+    python -m bench.stub PORT [DELAY_MS]
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+from typing import cast
 
 import uvloop
 
@@ -62,8 +65,11 @@ SSE_EVENTS = [
 
 
 class StubProtocol(asyncio.Protocol):
+    delay = 0.0  # seconds before each answer is written
+    transport: asyncio.Transport
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.buf = b""
 
     def data_received(self, data: bytes) -> None:
@@ -81,14 +87,23 @@ class StubProtocol(asyncio.Protocol):
             body = self.buf[end + 4:total]
             self.buf = self.buf[total:]
             anthropic = head.startswith(b"post /v1/messages")
-            if b'"stream":true' in body or b'"stream": true' in body:
-                events = ANTHROPIC_EVENTS if anthropic else SSE_EVENTS
-                self.transport.write(SSE_HEAD + _chunk(events[0]))
-                for event in events[1:]:
-                    self.transport.write(_chunk(event))
-                self.transport.write(b"0\r\n\r\n")
+            stream = b'"stream":true' in body or b'"stream": true' in body
+            if self.delay:
+                asyncio.get_running_loop().call_later(self.delay, self.answer, anthropic, stream)
             else:
-                self.transport.write(ANTHROPIC_RESPONSE if anthropic else JSON_RESPONSE)
+                self.answer(anthropic, stream)
+
+    def answer(self, anthropic: bool, stream: bool) -> None:
+        if self.transport.is_closing():
+            return
+        if stream:
+            events = ANTHROPIC_EVENTS if anthropic else SSE_EVENTS
+            self.transport.write(SSE_HEAD + _chunk(events[0]))
+            for event in events[1:]:
+                self.transport.write(_chunk(event))
+            self.transport.write(b"0\r\n\r\n")
+        else:
+            self.transport.write(ANTHROPIC_RESPONSE if anthropic else JSON_RESPONSE)
 
 
 async def main(port: int) -> None:
@@ -99,4 +114,5 @@ async def main(port: int) -> None:
 
 
 if __name__ == "__main__":
+    StubProtocol.delay = float(sys.argv[2]) / 1000 if len(sys.argv) > 2 else 0.0
     uvloop.run(main(int(sys.argv[1])))

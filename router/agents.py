@@ -1,6 +1,8 @@
-"""Agents known to this router process: their entries, last heartbeats, and
-in-flight request counts; which are alive (`AGENT_TTL`); and, per model, the
-pool that picks the live agent with the fewest requests in flight."""
+"""Agents known to this router process: their entries (from the registry), last
+heartbeats (in memory: the latest this process heard of, directly, through Redis
+or from the registry; see `router.liveness`), and in-flight request counts; which
+are alive (`AGENT_TTL`); and, per model, the pool that picks the live agent with
+the fewest requests in flight."""
 
 from __future__ import annotations
 
@@ -31,8 +33,10 @@ class AgentDirectory:
         self.tracker = InFlight()
 
     def replace(self, agents: Iterable[AgentEntry]) -> None:
+        """Hold exactly `agents`; a heartbeat this process heard after the registry's stays."""
+        known = self.heartbeats
         self.agents = {a.name: a for a in agents}
-        self.heartbeats = {a.name: a.last_heartbeat for a in self.agents.values()}
+        self.heartbeats = {a.name: max(a.last_heartbeat, known.get(a.name, 0.0)) for a in self.agents.values()}
 
     def upsert(self, agent: AgentEntry) -> AgentEntry | None:
         """Store the agent; the entry it replaced, if any."""

@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None) -> RouterApp:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await state.start()
-        log.info("router ready: registry %s, %d models", settings.sqlite_db_path, len(state.models))
+        log.info("router ready: registry %s, %d models", settings.sqlite_db_path, len(state.snapshot.groups))
         try:
             yield
         finally:

@@ -9,8 +9,9 @@ A request opts in with `x-router-cache: on` whatever its temperature;
 `Cache-Control: no-cache` skips the lookup, `no-store` skips storing.
 
 Key: SHA-256 of the client's scope (its key; one shared scope without keys),
-the resolved provider and endpoint, and the request minus the fields that do
-not change the answer (`stream`, `stream_options`, `user`, `metadata`,
+the model group (not the deployment: any of them answers for the group, and
+an alias shares its group's entries), and the request minus `model` and the
+fields that do not change the answer (`stream`, `stream_options`, `user`, `metadata`,
 `store`, `safety_identifier`, `prompt_cache_key`, `service_tier`), serialised
 with sorted keys.
 
@@ -42,7 +43,7 @@ from starlette.types import Scope
 
 from router.auth import ANONYMOUS_CACHE_SCOPE, Client
 from router.observability import Metrics
-from router.providers.base import ApiProvider, ChatCall, Provider
+from router.providers.base import ChatCall
 from router.redis_link import RedisLink, RedisUnavailable
 from router.upstream import SSEResponse
 
@@ -134,12 +135,13 @@ class ResponseCache:
         return read, write
 
     @staticmethod
-    def key(client: Client, provider: Provider, call: ChatCall) -> str:
+    def key(client: Client, group: str, call: ChatCall) -> str:
+        """By client scope and model group (aliases share it; any deployment's answer serves), and the request's
+        meaning (the `model` the client spelled is the group's)."""
         scope = client.scope if client.key is not None or client.admin else ANONYMOUS_CACHE_SCOPE
-        target = provider.base_url if isinstance(provider, ApiProvider) else ""
-        material = {k: v for k, v in call.payload.items() if k not in NOT_SEMANTIC}
+        material = {k: v for k, v in call.payload.items() if k not in NOT_SEMANTIC and k != "model"}
         digest = hashlib.sha256()
-        for part in (scope, provider.type, target):
+        for part in (scope, group):
             digest.update(part.encode())
             digest.update(b"\x00")
         digest.update(orjson.dumps(material, option=orjson.OPT_SORT_KEYS))

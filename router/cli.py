@@ -29,7 +29,7 @@ from rich.table import Table
 
 from router.config import ConfigError, Settings, load_settings
 from router.errors import Scrubber
-from router.registry import RegistryError, RegistryStore, validate_url
+from router.registry import DeploymentEntry, RegistryError, RegistryStore, transaction, validate_url
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LLM router: serve the OpenAI-compatible endpoint and manage the model registry.")
@@ -113,18 +113,120 @@ def serve(
     )
 
 
+KIND_HELP = ("api or weight. api: a provider's hosted API (their hardware, billed per token); weight: weights "
+             "you run (a Local Agent, llm-d, this process). Hosted API types (openai, anthropic, google, "
+             "openrouter, grok, groq, venice) are api, huggingface is weight; local, llm-d and dummy take either.")
+
+
+def deployment_options(name: str | None, upstream_model: str | None, key_env: str | None,
+                       input_price: float | None, output_price: float | None, context_window: int | None,
+                       weight: float | None, rpm: int | None, tpm: int | None, timeout: float | None,
+                       max_tokens_param: str | None) -> dict[str, Any]:
+    """The deployment fields given on the command line (None: not given)."""
+    given = {"name": name, "upstream_model": upstream_model, "key_env": key_env, "input_price": input_price,
+             "output_price": output_price, "context_window": context_window, "weight": weight, "rpm": rpm,
+             "tpm": tpm, "timeout": timeout, "max_tokens_param": max_tokens_param}
+    values: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if values.get("max_tokens_param") == "default":
+        values["max_tokens_param"] = None
+    return values
+
+
+NAME_OPT = typer.Option(None, "--name", help="Deployment name, shown in x-router-deployment (default {type}-{host}).")
+UPSTREAM_OPT = typer.Option(None, help="What the provider calls the model (default: NAME).")
+KEY_ENV_OPT = typer.Option(None, help="Environment variable holding this deployment's key (must be set; the "
+                           "key itself is never stored).")
+INPUT_PRICE_OPT = typer.Option(None, help="USD per million input tokens (default: genai-prices', else unknown).")
+OUTPUT_PRICE_OPT = typer.Option(None, help="USD per million output tokens (default: genai-prices', else unknown).")
+CONTEXT_OPT = typer.Option(None, help="Context window in tokens (prompt + output).")
+WEIGHT_OPT = typer.Option(None, help="Share of traffic for the weighted strategy (default 1).")
+TIMEOUT_OPT = typer.Option(None, help="Seconds for a whole exchange with this deployment (default UPSTREAM_TIMEOUT).")
+STRATEGY_OPT = typer.Option(None, help="The group's strategy: cost-latency (default), weighted, least-busy, "
+                            "latency, cost, round-robin, random.")
+MAX_TOKENS_OPT = typer.Option(None, help="The field its upstream reads the output-token limit from: max_tokens, "
+                              "max_completion_tokens, or default (the provider's).")
+
+
 @app.command("add-model")
 def add_model(
-    name: str = typer.Argument(..., help="Model name clients will send."),
+    name: str = typer.Argument(..., help="Model name clients will send (the model group)."),
     type: str = typer.Argument(..., metavar="TYPE", help="Provider type (local, openai, anthropic, ...)."),
     endpoint: str = typer.Argument(..., help="Base URL of the provider, with or without /v1."),
-    kind: str = typer.Argument(..., help="api or weight."),
+    kind: str = typer.Argument(..., help=KIND_HELP),
+    deployment: str | None = NAME_OPT,
+    upstream_model: str | None = UPSTREAM_OPT,
+    key_env: str | None = KEY_ENV_OPT,
+    input_price: float | None = INPUT_PRICE_OPT,
+    output_price: float | None = OUTPUT_PRICE_OPT,
+    context_window: int | None = CONTEXT_OPT,
+    weight: float | None = WEIGHT_OPT,
+    rpm: int | None = typer.Option(None, help="This deployment's requests per minute (default: none)."),
+    tpm: int | None = typer.Option(None, help="This deployment's tokens per minute (default: none)."),
+    timeout: float | None = TIMEOUT_OPT,
+    disabled: bool = typer.Option(False, "--disabled", help="Add it disabled (no traffic until --enable)."),
+    strategy: str | None = STRATEGY_OPT,
+    max_tokens_param: str | None = MAX_TOKENS_OPT,
 ) -> None:
-    """Add a model to the registry."""
-    s = settings()
-    with registry(s) as (reg, conn):
-        entry = reg.add_model(conn, name, type, endpoint, kind)
-    out.print(f"added {entry.name} ({entry.type}, {entry.kind}) -> {entry.endpoint}")
+    """Add a model, or another deployment of it: the same NAME with a different type, endpoint or
+    upstream model serves the same group."""
+    values = {"type": type, "endpoint": endpoint, "kind": kind, "enabled": not disabled,
+              **deployment_options(deployment, upstream_model, key_env, input_price, output_price, context_window,
+                                   weight, rpm, tpm, timeout, max_tokens_param)}
+    with registry(settings()) as (reg, conn):
+        entry = reg.add_deployment(conn, name, values, strategy)
+        count = len(reg.load_deployments(conn, entry.group))
+    out.print(f"added {entry.group} ({entry.type}, {entry.kind}) -> {entry.endpoint} as deployment {entry.name}"
+              + (f" (upstream model {entry.upstream_model})" if entry.upstream_model else "")
+              + (f"; {entry.group} now has {count} deployments" if count > 1 else ""))
+
+
+@app.command("update-model")
+def update_model(
+    name: str = typer.Argument(..., help="Model name (the group)."),
+    deployment: str | None = typer.Option(None, help="The deployment to change (needed when the group has "
+                                          "several). Without it, --rpm/--tpm are the group's limits."),
+    rename: str | None = typer.Option(None, "--name", help="A new name for the deployment."),
+    type: str | None = typer.Option(None, "--type", help="Provider type."),
+    endpoint: str | None = typer.Option(None, help="Base URL."),
+    kind: str | None = typer.Option(None, help=KIND_HELP),
+    upstream_model: str | None = UPSTREAM_OPT,
+    key_env: str | None = KEY_ENV_OPT,
+    input_price: float | None = INPUT_PRICE_OPT,
+    output_price: float | None = OUTPUT_PRICE_OPT,
+    context_window: int | None = CONTEXT_OPT,
+    weight: float | None = WEIGHT_OPT,
+    rpm: int | None = typer.Option(None, help="Requests per minute (0: none): the deployment's with "
+                                   "--deployment, else the group's, across all its deployments and clients."),
+    tpm: int | None = typer.Option(None, help="Tokens per minute (0: none): the deployment's with --deployment, "
+                                   "else the group's."),
+    timeout: float | None = TIMEOUT_OPT,
+    enable: bool | None = typer.Option(None, "--enable/--disable", help="Let the deployment take traffic or not."),
+    strategy: str | None = STRATEGY_OPT,
+    max_tokens_param: str | None = MAX_TOKENS_OPT,
+) -> None:
+    """Change a model group (--strategy; --rpm/--tpm without --deployment) or one deployment, in place."""
+    group_changes: dict[str, Any] = {"strategy": strategy} if strategy is not None else {}
+    if deployment is None:
+        group_changes.update({k: v for k, v in (("rpm", rpm), ("tpm", tpm)) if v is not None})
+        rpm = tpm = None
+    changes = deployment_options(rename, upstream_model, key_env, input_price, output_price, context_window,
+                                 weight, rpm, tpm, timeout, max_tokens_param)
+    changes.update({k: v for k, v in (("type", type), ("endpoint", endpoint), ("kind", kind), ("enabled", enable))
+                    if v is not None})
+    if not group_changes and not changes:
+        fail("nothing to change; give at least one option (see --help)")
+    with registry(settings()) as (reg, conn), transaction(conn):
+        # one transaction: a bad deployment option leaves the group's options unwritten too
+        if group_changes:
+            group = reg.update_group(conn, name, group_changes)
+        if changes:
+            entry = reg.update_deployment(conn, name, deployment, changes)
+    if group_changes:
+        out.print(f"group {name}: strategy {group.strategy or 'default (cost-latency)'}, "
+                  f"{group.rpm or 'no'} requests/min, {group.tpm or 'no'} tokens/min")
+    if changes:
+        out.print(f"deployment {name}/{entry.name}: " + ", ".join(
+            f"{k} {getattr(entry, 'name' if k == 'name' else k)}" for k in changes))
 
 
 @app.command("set-model-limits")
@@ -133,7 +235,7 @@ def set_model_limits(
     rpm: int = typer.Option(0, help="Requests per minute for this model, across all clients (0: none)."),
     tpm: int = typer.Option(0, help="Tokens per minute for this model, across all clients (0: none)."),
 ) -> None:
-    """Set a model's own rate limits."""
+    """Set a model group's own rate limits (across all its deployments and clients)."""
     s = settings()
     with registry(s) as (reg, conn):
         changed = reg.set_model_limits(conn, name, rpm, tpm)
@@ -148,13 +250,32 @@ def set_model_option(
     max_tokens_param: str = typer.Option(..., help="The field its upstream reads the output-token limit from: "
                                          "max_tokens, max_completion_tokens, or default (the provider's)."),
 ) -> None:
-    """Set how a model's requests are adapted for its upstream."""
+    """Set how a model's requests are adapted for its upstream (every deployment of the group)."""
     param = None if max_tokens_param == "default" else max_tokens_param
     with registry(settings()) as (reg, conn):
         changed = reg.set_max_tokens_param(conn, name, param)
     if not changed:
         fail(f"model {name!r} is not in the registry")
     out.print(f"{name}: output-token limit sent as {param or 'the provider default'}")
+
+
+@app.command("add-alias")
+def add_alias(alias: str = typer.Argument(..., help="Another name clients may send."),
+              name: str = typer.Argument(..., help="The model (group) it stands for.")) -> None:
+    """Let clients reach a model under another name."""
+    with registry(settings()) as (reg, conn):
+        reg.add_alias(conn, alias, name)
+    out.print(f"alias {alias} -> {name}")
+
+
+@app.command("remove-alias")
+def remove_alias(alias: str = typer.Argument(..., help="The alias to remove.")) -> None:
+    """Remove an alias."""
+    with registry(settings()) as (reg, conn):
+        removed = reg.remove_alias(conn, alias)
+    if not removed:
+        fail(f"alias {alias!r} is not in the registry")
+    out.print(f"removed alias {alias}")
 
 
 @app.command("create-key")
@@ -219,14 +340,18 @@ def revoke_key(name: str = typer.Argument(..., help="The key's name or its prefi
 
 
 @app.command("remove-model")
-def remove_model(name: str = typer.Argument(..., help="Model name to remove.")) -> None:
-    """Remove a model from the registry."""
+def remove_model(
+    name: str = typer.Argument(..., help="Model name to remove."),
+    deployment: str | None = typer.Option(None, help="Remove only this deployment (the model goes with its last)."),
+) -> None:
+    """Remove a model (its deployments and aliases), or one of its deployments."""
     s = settings()
     with registry(s) as (reg, conn):
-        removed = reg.remove_model(conn, name)
+        removed = reg.remove_model(conn, name, deployment)
     if not removed:
-        fail(f"model {name!r} is not in the registry")
-    out.print(f"removed {name}")
+        fail(f"model {name!r} is not in the registry" if deployment is None
+             else f"model {name!r} has no deployment {deployment!r}")
+    out.print(f"removed {name}" + (f" deployment {deployment}" if deployment else ""))
 
 
 @app.command("pull-model")
@@ -251,7 +376,7 @@ def pull_model(
               "`pip install 'llm-router[hf]'`", file=sys.stderr)
     if endpoint is None:
         with registry(s) as (reg, conn):
-            entry = next((m for m in reg.load(conn)[0] if m.name == name), None)
+            entry = next((d for d in reg.load_deployments(conn, name) if d.type == "huggingface"), None)
         endpoint = entry.endpoint if entry is not None else None
     token = s.hugging_face_hub_token.get_secret_value() if s.hugging_face_hub_token else None
     try:
@@ -264,25 +389,97 @@ def pull_model(
     out.print(f"pulled {name} into {ref.folder}" + (f" ({ref.gguf_file})" if ref.gguf_file else ""))
 
 
+def _price(explicit: float | None, default: float | None) -> str:
+    if explicit is not None:
+        return f"{explicit:g}"
+    return f"{default:g} (default)" if default is not None else "unknown"
+
+
 @app.command("list-models")
 def list_models() -> None:
-    """List the registry's models and the agents that announced themselves."""
+    """List model groups and their deployments (prices: explicit, genai-prices' default, or unknown), aliases,
+    and the agents that announced themselves."""
+    from router.prices import default_price
+
     s = settings()
     with registry(s) as (reg, conn):
-        models, agents = reg.load(conn)
-    table = Table(title=f"models in {s.sqlite_db_path}")
-    for col in ("name", "type", "kind", "endpoint", "updated"):
+        snap = reg.load(conn)
+    aliases: dict[str, list[str]] = {}
+    for alias, group in snap.aliases.items():
+        aliases.setdefault(group, []).append(alias)
+    deployments: dict[str, list[DeploymentEntry]] = {}
+    for d in snap.deployments:
+        deployments.setdefault(d.group, []).append(d)
+    table = Table(title=f"models in {s.sqlite_db_path} (prices: USD per million tokens)")
+    for col in ("name", "deployment", "type", "kind", "endpoint", "upstream model", "input $", "output $",
+                "context", "weight", "limits", "enabled", "updated"):
         table.add_column(col)
-    for m in models:
-        table.add_row(m.name, m.type, m.kind, m.endpoint, _when(m.updated_at))
+    for g in snap.groups:
+        limits = f"{g.rpm or '-'} rpm, {g.tpm or '-'} tpm" if g.rpm or g.tpm else ""
+        head = g.name + (f" (aliases: {', '.join(aliases[g.name])})" if g.name in aliases else "")
+        table.add_row(head, f"strategy: {g.strategy or 'cost-latency'}", "", "", "", "", "", "", "", "",
+                      f"group: {limits}" if limits else "", "", _when(g.updated_at))
+        for d in deployments.get(g.name, []):
+            default = default_price(d.type, d.upstream_model or d.group)
+            context = d.context_window or (default.context_window if default else None)
+            table.add_row("", d.name, d.type, d.kind, d.endpoint, d.upstream_model or "-",
+                          _price(d.input_price, default.input if default else None),
+                          _price(d.output_price, default.output if default else None),
+                          (f"{context}" + ("" if d.context_window else " (default)")) if context else "unknown",
+                          f"{d.weight:g}", f"{d.rpm or '-'} rpm, {d.tpm or '-'} tpm" if d.rpm or d.tpm else "-",
+                          "yes" if d.enabled else "no", _when(d.updated_at))
     out.print(table)
-    if agents:
+    if snap.agents:
         at = Table(title="agents")
         for col in ("name", "endpoint", "models", "last heartbeat", "credential"):
             at.add_column(col)
-        for a in agents:
+        for a in snap.agents:
             at.add_row(a.name, a.endpoint, ", ".join(a.models), _when(a.last_heartbeat), a.token_name or "-")
         out.print(at)
+
+
+@app.command("apply")
+def apply_file(
+    file: str = typer.Argument(..., help="YAML file: models -> {strategy, rpm, tpm, aliases, deployments}."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the changes; write nothing."),
+) -> None:
+    """Make the registry's models, deployments and aliases match FILE (agents are left alone), in one
+    transaction; prints each change. Applying the same file twice changes nothing."""
+    from router.apply import parse, plan
+
+    try:
+        with open(file, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        fail(f"cannot read {file}: {exc.strerror or exc}")
+    with registry(settings()) as (reg, conn):
+        changes = plan(parse(text, file), reg.load(conn))
+        if not changes.empty and not dry_run:
+            changes.write(reg, conn)
+    for line in changes.lines:
+        out.print(line, markup=False)
+    if changes.empty:
+        out.print(f"no changes: the registry already matches {file}")
+    else:
+        out.print(changes.summary() + (" (dry run: nothing written)" if dry_run else ""))
+
+
+@app.command("export")
+def export_file(file: str | None = typer.Argument(None, help="Where to write (default: standard output).")) -> None:
+    """Write the registry's models, deployments and aliases in the format `router apply` reads."""
+    from router.apply import export
+
+    with registry(settings()) as (reg, conn):
+        text = export(reg.load(conn))
+    if file is None:
+        sys.stdout.write(text)
+        return
+    try:
+        with open(file, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    except OSError as exc:
+        fail(f"cannot write {file}: {exc.strerror or exc}")
+    print(f"wrote {file}", file=sys.stderr)
 
 
 @app.command("create-agent-token")

@@ -56,6 +56,11 @@ class Metrics:
                               registry=self.registry, multiprocess_mode="min")
         self.redis_errors = Counter("router_redis_errors_total", "Redis calls that failed or timed out",
                                     ("op",), registry=self.registry)
+        # liveness (issue 10 §3): heartbeats must move neither counter
+        self.route_rebuilds = Counter("router_route_rebuilds_total", "Route table rebuilds from the registry",
+                                      registry=self.registry)
+        self.agent_route_updates = Counter("router_agent_route_updates_total",
+                                           "Agents joining, moving or leaving the route table", registry=self.registry)
         self._models: set[str] = set()
         self.weights_loaded = Gauge("router_weights_loaded", "1 while a Hugging Face model is loaded in this process",
                                     ("model",), registry=self.registry, multiprocess_mode="livesum")

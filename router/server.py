@@ -9,7 +9,9 @@ from the first byte of each later one (nginx's `client_header_timeout`), and eve
 between reads; this bounds the whole body). A request late in either phase gets `408` (nothing when
 no byte came at all) and its connection is closed; the handler waiting for the body then sees the
 client gone. One timer per connection does this, so a request costs a few attribute writes and a
-clock read, not a timer of its own.
+clock read, not a timer of its own. The protocol also tells a streaming response the moment its client's
+connection is lost (`router.upstream.Disconnects`, in the scope's extensions), so a stream needs no task
+of its own to watch for that.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from uvicorn.server import ServerState
 
 from router.config import Settings
 from router.errors import error_body
+from router.upstream import DISCONNECTS, Disconnects
 
 
 def _timeout_response(what: str) -> tuple[bytes, bytes]:
@@ -55,6 +58,8 @@ class RouterHttpProtocol(HttpToolsProtocol):
         self._in_body = False  # the pending phase is a body (else a head)
         self._head_bytes = False  # a byte of the pending head has arrived
         self._timer: asyncio.TimerHandle | None = None
+        self._disconnects = Disconnects()
+        self._extension: dict[object, object] = {"connection": self._disconnects}  # ASGI: an extension is a dict
 
     # The timer fires at the pending phase's deadline, or a head allowance later when nothing is pending.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -67,9 +72,11 @@ class RouterHttpProtocol(HttpToolsProtocol):
             self._timer.cancel()
             self._timer = None
         super().connection_lost(exc)
+        self._disconnects.lose()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope["extensions"] = {DISCONNECTS: self._extension}
         self._head_bytes = True
         if self._since is None:  # a later request on a kept-alive connection: its own deadline
             self._since = self.loop.time()

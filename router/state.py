@@ -1,5 +1,6 @@
 """Everything one router process holds: settings, the upstream pool, the
-in-memory registry snapshot and route table, agents, metrics.
+in-memory registry snapshot, route table, per-deployment statistics (shared
+through Redis when configured) and dispatcher, agents, metrics.
 
 The snapshot is reloaded from SQLite when the database changes (checked every
 `REGISTRY_POLL_INTERVAL` seconds with `PRAGMA data_version`, in a worker
@@ -14,6 +15,8 @@ deletes agents dead for `AGENT_RETENTION` seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import os
 import sqlite3
@@ -29,9 +32,12 @@ from router.config import Settings
 from router.errors import RouterError, Scrubber
 from router.observability import Metrics
 from router.ratelimit import LocalLimiter, RateLimiter
-from router.redis_link import RedisLink
-from router.registry import AgentEntry, AgentToken, ClientKey, ModelEntry, RegistryStore
+from router.liveness import Liveness
+from router.redis_link import RedisLink, RedisUnavailable
+from router.registry import AgentEntry, AgentNameTaken, RegistryStore, Snapshot
 from router.routing import RouteTable
+from router.routing.dispatch import Dispatcher
+from router.routing.stats import StatsRegistry
 from router.upstream import UpstreamClient
 from router.weights import WeightStore
 
@@ -58,17 +64,20 @@ class RouterState:
         self.agents = AgentDirectory(settings.agent_ttl)
         self.metrics = Metrics()
         self.weights = WeightStore(settings, self.metrics)
-        self.routes = RouteTable(settings, self.http, self.agents, self.weights)
+        self.stats = StatsRegistry()  # per-deployment statistics: kept across route-table rebuilds
+        self.routes = RouteTable(settings, self.http, self.agents, self.weights, self.stats)
+        self.dispatcher = Dispatcher(settings, self.stats.clock)
         self.keys = KeyTable(settings.router_master_key)
         self.agent_policy = AgentPolicy(settings)
         self.agent_register_limits = LocalLimiter()  # AGENT_REGISTER_RPM per client address, in this process
         self.redis = RedisLink(settings, self.metrics) if settings.redis_url is not None else None
+        self.liveness = Liveness(self.agents, self.redis, settings.agent_ttl)  # heartbeats: memory and Redis
         self.limiter = RateLimiter(settings.rate_limit_requests, settings.rate_limit_tokens, self.metrics,
                                    self.redis, settings.rate_limit_on_redis_failure)
         backend = (RedisBackend(self.redis) if self.redis is not None
                    else MemoryBackend(settings.cache_max_entries, settings.cache_max_bytes, self.metrics))
         self.cache = ResponseCache(settings.cache_mode, settings.cache_ttl, backend, self.metrics)
-        self.models: list[ModelEntry] = []
+        self.snapshot = Snapshot()  # what routing was last built from (keys and tokens are applied apart)
         self._conn: sqlite3.Connection | None = None  # reads and writes: our own commits never look like news
         self._file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the file the connection opened
         self._db_lock = asyncio.Lock()
@@ -79,9 +88,13 @@ class RouterState:
         await self.http.start()
         await self._open()
         await self.reload(full=True)
+        await self.stats.start(self.redis)
+        with contextlib.suppress(RedisUnavailable):
+            await self.liveness.sync()  # the agents' liveness before the first request
         log.info("%s", self.agent_policy.describe())
         self._tasks = [asyncio.create_task(self._poll(), name="registry-poll"),
-                       asyncio.create_task(self._purge_dead_agents(), name="agent-retention")]
+                       asyncio.create_task(self._purge_dead_agents(), name="agent-retention"),
+                       asyncio.create_task(self.liveness.run(), name="agent-liveness")]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -90,6 +103,7 @@ class RouterState:
                 await task
             except asyncio.CancelledError:
                 pass
+        await self.stats.stop()
         await self.http.close()
         self.weights.close()
         if self.redis is not None:
@@ -142,38 +156,47 @@ class RouterState:
                               headers={"Retry-After": "1" if busy else "5"}) from None
 
     async def reload(self, full: bool = False) -> None:
-        """Load the snapshot; rebuild routes if the models changed, else apply only the agents that did."""
-        def load(conn: sqlite3.Connection) -> tuple[int, list[ModelEntry], list[AgentEntry], list[ClientKey],
-                                                    list[AgentToken]]:
-            version = self.store.data_version(conn)
-            models, agents = self.store.load(conn)
-            return version, models, agents, self.store.load_keys(conn), self.store.load_agent_tokens(conn)
+        """Load the snapshot; rebuild routes if groups, deployments or aliases changed, else apply only the
+        agents that did."""
+        def load(conn: sqlite3.Connection) -> tuple[int, Snapshot]:
+            return self.store.data_version(conn), self.store.load(conn)
 
-        self._data_version, models, agents, keys, tokens = await self.read(load)
-        self.keys.replace(keys)
-        self.agent_policy.replace_tokens(tokens)
-        if full or models != self.models:
-            self.models = models
-            self.agents.replace(agents)
-            self.limiter.model_limits = {m.name: (m.rpm, m.tpm) for m in models if m.rpm or m.tpm}
-            self.routes.rebuild(models)
+        self._data_version, snapshot = await self.read(load)
+        self.keys.replace(snapshot.keys)
+        self.agent_policy.replace_tokens(snapshot.agent_tokens)
+        old = self.snapshot
+        if full or (snapshot.groups, snapshot.deployments, snapshot.aliases) != (old.groups, old.deployments,
+                                                                                 old.aliases):
+            self.agents.replace(snapshot.agents)
+            # the group's limits, across clients, under its name (chat charges an alias to its group)
+            self.limiter.model_limits = {g.name: (g.rpm, g.tpm) for g in snapshot.groups if g.rpm or g.tpm}
+            self.routes.rebuild(snapshot)
+            self.metrics.route_rebuilds.inc()
         else:
-            self._apply_agents(agents)
-        log.debug("registry snapshot: %d models, %d agents", len(models), len(agents))
+            self._apply_agents(snapshot.agents)
+        self.snapshot = snapshot
+        log.debug("registry snapshot: %d groups, %d deployments, %d agents", len(snapshot.groups),
+                  len(snapshot.deployments), len(snapshot.agents))
 
     def _apply_agents(self, agents: list[AgentEntry]) -> None:
+        """Apply the registry's agents; only a join, a leave, or new models or endpoint touches routes (a
+        heartbeat written by another process changes nothing but the directory's heartbeat)."""
         incoming = {a.name for a in agents}
         for name in [n for n in self.agents.agents if n not in incoming]:
             self._forget_agent(name)
         for agent in agents:
             old = self.agents.upsert(agent)
-            if old is None or old.models != agent.models:
-                self.routes.agent_changed(agent.name, old.models if old is not None else (), agent.models)
+            if old is None or old.models != agent.models or old.endpoint != agent.endpoint:
+                self._agent_routes(agent.name, old.models if old is not None else (), agent.models)
+
+    def _agent_routes(self, name: str, old_models: tuple[str, ...], new_models: tuple[str, ...]) -> None:
+        self.routes.agent_changed(name, old_models, new_models)
+        self.metrics.agent_route_updates.inc()
 
     def _forget_agent(self, name: str) -> None:
         old = self.agents.remove(name)
         if old is not None:
-            self.routes.agent_changed(name, old.models, ())
+            self._agent_routes(name, old.models, ())
 
     async def _poll(self) -> None:
         interval = self.settings.registry_poll_interval
@@ -201,13 +224,19 @@ class RouterState:
                 log.exception("registry poll failed")
 
     async def _purge_dead_agents(self) -> None:
-        """Every so often, delete agents that have been dead for AGENT_RETENTION seconds (database and memory)."""
+        """Every so often, delete agents that have been dead for AGENT_RETENTION seconds (database and memory).
+        Death is judged by the heartbeats in memory (the registry's may be old: with Redis they are not
+        written), and only while this process's view of them is current."""
         s = self.settings
         interval = min(60.0, max(0.2, s.agent_retention / 4))
         while True:
             await asyncio.sleep(interval)
+            cutoff = time.time() - s.agent_ttl - s.agent_retention
+            dead = [name for name, beat in self.agents.heartbeats.items() if beat < cutoff]
+            if not dead or not self.liveness.trusted():
+                continue
             try:
-                names = await self.write(self.store.delete_dead_agents, time.time() - s.agent_ttl - s.agent_retention)
+                names = await self.write(self.store.delete_dead_agents, cutoff, dead)
             except RouterError:  # locked or unavailable: next time
                 continue
             for name in names:
@@ -221,17 +250,37 @@ class RouterState:
         entry = await self.write(self.store.register_agent, name, endpoint, models, time.time(), credential.name,
                                  credential.admin)
         old = self.agents.upsert(entry)
-        self.routes.agent_changed(name, old.models if old is not None else (), entry.models)
+        self._agent_routes(name, old.models if old is not None else (), entry.models)
         return entry
 
     async def heartbeat(self, name: str, credential: Credential) -> bool:
-        """False when the agent is unknown; AgentNameTaken when another credential registered it."""
+        """False when the agent is unknown; AgentNameTaken when another credential registered it.
+
+        Liveness is not configuration: the heartbeat goes to the directory, and to Redis when configured;
+        without Redis (or while it fails) to SQLite at most once per AGENT_TTL/3 per agent, so other
+        processes, which read it with their registry poll, agree within one TTL. No route changes."""
         now = time.time()
-        entry = await self.write(self.store.heartbeat, name, now, credential.name, credential.admin)
-        if entry is None:
-            return False
-        if name not in self.agents.agents:  # registered through another worker: add it now
+        entry = self.agents.agents.get(name)
+        if entry is None:  # registered through another process, not polled yet: ask the registry (a read)
+            entry = await self.write(self.store.load_agent, name)
+            if entry is None:
+                return False
             self.agents.upsert(entry)
-            self.routes.agent_changed(name, (), entry.models)
+            self._agent_routes(name, (), entry.models)
+        if not (credential.admin or entry.token_name is None or entry.token_name == credential.name):
+            raise AgentNameTaken(f"agent {name!r} is registered with another credential")
         self.agents.beat(name, now)
+        if await self.liveness.publish(name, now) or not self.liveness.persist_due(entry.last_heartbeat, now):
+            return True
+        claimed = dataclasses.replace(entry, last_heartbeat=now)  # concurrent heartbeats do not write twice
+        self.agents.agents[name] = claimed
+        try:
+            stored = await self.write(self.store.heartbeat, name, now, credential.name, credential.admin)
+        except RouterError:  # locked: this process heard it; the next heartbeat writes it
+            if self.agents.agents.get(name) is claimed:
+                self.agents.agents[name] = entry
+            return True
+        if stored is None:  # deleted meanwhile (retention, another process): the agent registers again
+            self._forget_agent(name)
+            return False
         return True

@@ -35,13 +35,34 @@ _PASS_HEADERS: tuple[tuple[str, Callable[[str], bool]], ...] = (
 _DONE_TAIL = 32  # bytes of stream tail kept to see whether `data: [DONE]` arrived
 
 
+#: ASGI scope extension whose "connection" is the client connection's `Disconnects` (`router.server` offers it)
+DISCONNECTS = "router.disconnects"
+
+
+class Disconnects:
+    """One client connection's loss, told to whoever waits on it: the server calls `lose` once the connection
+    is gone; a response registers a callback. (An ASGI app otherwise learns of it only from `receive`, which
+    takes a task per stream to watch.)"""
+
+    __slots__ = ("lost", "callbacks")
+
+    def __init__(self) -> None:
+        self.lost = False
+        self.callbacks: list[Callable[[], None]] = []
+
+    def lose(self) -> None:
+        self.lost = True
+        for callback in tuple(self.callbacks):
+            callback()
+
+
 class SSEResponse:
     """A text/event-stream ASGI response relayed chunk by chunk.
 
-    While it streams, one watcher task listens for the client leaving; if it
-    does, the relay is cancelled at once (which closes the upstream), instead
-    of noticing only at the next chunk. The source is always closed and the
-    `on_close` callbacks always run: stream ended, failed, or client gone.
+    If the client leaves while it streams, the relay is cancelled at once (which closes the upstream) instead
+    of noticing only at the next chunk: through the server's `Disconnects` when it offers them (a callback,
+    nothing per stream), else through a watcher task that waits on `receive`. The source is always closed
+    and the `on_close` callbacks always run: stream ended, failed, or client gone.
     """
 
     def __init__(self, content: AsyncIterator[bytes], status_code: int = 200,
@@ -57,31 +78,43 @@ class SSEResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
         assert task is not None
-        state = {"finished": False, "disconnected": False}
+        finished = disconnected = False
+
+        def client_left() -> None:
+            nonlocal disconnected
+            if not finished and not disconnected:
+                disconnected = True
+                task.cancel()
 
         async def watch() -> None:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    if not state["finished"]:
-                        state["disconnected"] = True
-                        task.cancel()
-                    return
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            client_left()
 
-        watcher = asyncio.create_task(watch())
+        disconnects: Disconnects | None = (scope.get("extensions") or {}).get(DISCONNECTS, {}).get("connection")
+        watcher = None
+        if disconnects is None:
+            watcher = asyncio.create_task(watch())
+        else:
+            disconnects.callbacks.append(client_left)
+            if disconnects.lost:
+                client_left()
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async for chunk in self.body_iterator:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-            state["finished"] = True  # no await between the last send and here: a late cancel cannot land
+            finished = True  # no await between the last send and here: a late cancel cannot land
         except asyncio.CancelledError:
-            if not state["disconnected"]:
+            if not disconnected:
                 raise
             task.uncancel()  # our own cancellation, for a client that left: not an error
         finally:
-            state["finished"] = True
-            watcher.cancel()
+            finished = True
+            if watcher is not None:
+                watcher.cancel()
+            elif disconnects is not None:
+                disconnects.callbacks.remove(client_left)
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
                 await aclose()

@@ -91,25 +91,28 @@ def test_hosted_provider_names() -> None:
 def test_route_updates_touch_only_the_models_an_agent_changed() -> None:
     directory = AgentDirectory(ttl=30)
     routes = RouteTable(Settings(local_agent_url=None), None, directory, None)  # type: ignore[arg-type]
-    routes.rebuild([])
+    routes.rebuild(None)
     now = time.time()
 
     def announce(name: str, *models: str) -> None:
         old = directory.upsert(AgentEntry(name, f"http://127.0.0.1:1/{name}", models, now, now))
         routes.agent_changed(name, old.models if old is not None else (), models)
 
+    def ids(model: str) -> list[str]:
+        return [d.id for d in routes.agent_groups[model].deployments]
+
     announce("a1", "m1", "shared")
-    pool_m1, provider_m1 = routes.pools["m1"], routes.agent_models["m1"]
+    group_m1, deployments_m1 = routes.agent_groups["m1"], routes.agent_groups["m1"].deployments
     announce("a2", "m2", "shared")
-    assert routes.pools["m1"] is pool_m1 and routes.agent_models["m1"] is provider_m1  # untouched
-    assert routes.pools["shared"].names == ["a1", "a2"]
+    assert routes.agent_groups["m1"] is group_m1 and group_m1.deployments is deployments_m1  # untouched
+    assert ids("shared") == ["agent-a1", "agent-a2"]
     announce("a1", "m3", "shared")  # drops m1, adds m3
-    assert "m1" not in routes.agent_models and "m1" not in routes.pools
-    assert routes.resolve("m3").pool.pick().name == "a1"  # type: ignore[attr-defined]
-    assert routes.pools["shared"].names == ["a1", "a2"]
+    assert "m1" not in routes.agent_groups
+    assert [d.id for d in routes.resolve("m3").deployments] == ["agent-a1"]
+    assert ids("shared") == ["agent-a1", "agent-a2"]
     directory.remove("a2")
     routes.agent_changed("a2", ("m2", "shared"), ())
-    assert "m2" not in routes.agent_models and routes.pools["shared"].names == ["a1"]
+    assert "m2" not in routes.agent_groups and ids("shared") == ["agent-a1"]
 
 
 # -- credentials -----------------------------------------------------------------------------

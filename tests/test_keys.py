@@ -128,4 +128,4 @@ def test_migration_from_schema_1_keeps_data(tmp_path: Path) -> None:
     assert run_cli(tmp_path, "set-model-limits", "old-model", "--rpm", "5").returncode == 0
     conn = sqlite3.connect(tmp_path / "data" / "models.db")
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
-    assert conn.execute("SELECT rpm FROM models WHERE name = 'old-model'").fetchone()[0] == 5
+    assert conn.execute("SELECT rpm FROM model_groups WHERE name = 'old-model'").fetchone()[0] == 5

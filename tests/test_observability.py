@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -74,10 +75,18 @@ FORGED = "x\nFAKE 2026-01-01 CRITICAL forged"
 
 
 def test_control_characters_in_a_logged_model_name_stay_on_one_line(start_router, tmp_path: Path) -> None:
-    """A model name with a newline is logged (a huggingface model fetched from an unreachable hub) as one line."""
+    """A model name with a newline is logged (a huggingface model fetched from an unreachable hub) as one line.
+
+    The CLI refuses such names now, so the row is written straight into the registry, as a database from
+    before that check (or edited by hand) could hold it: whatever reaches a log line stays on one line."""
     router = start_router({"HF_CACHE_DIR": str(tmp_path / "hf")})
     dead_hub = f"http://127.0.0.1:{free_port()}"
-    assert router.cli("add-model", FORGED, "huggingface", dead_hub, "weight").returncode == 0
+    refused = router.cli("add-model", FORGED, "huggingface", dead_hub, "weight")
+    assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1
+    assert router.cli("add-model", "placeholder", "huggingface", dead_hub, "weight").returncode == 0
+    with sqlite3.connect(tmp_path / "data" / "models.db") as conn:
+        conn.execute("UPDATE model_groups SET name = ? WHERE name = 'placeholder'", (FORGED,))
+        conn.execute("UPDATE deployments SET model_group = ? WHERE model_group = 'placeholder'", (FORGED,))
     with router.http() as http:
         assert wait_for(lambda: FORGED in [m["id"] for m in http.get("/v1/models").json()["data"]], 5)
         resp = http.post("/v1/chat/completions", json={"model": FORGED, "messages": MSG})

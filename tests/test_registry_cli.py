@@ -14,9 +14,10 @@ from tests.support.processes import free_port, run_cli
 
 
 def db_digest(workdir: Path) -> str:
+    """Every row of the model tables (groups, deployments, aliases), timestamps included."""
     conn = sqlite3.connect(workdir / "data" / "models.db")
-    rows = conn.execute(
-        "SELECT name, type, endpoint, kind, created_at, updated_at FROM models ORDER BY name").fetchall()
+    rows = [conn.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+            for table in ("model_groups", "deployments", "aliases")]
     conn.close()
     return hashlib.sha256(repr(rows).encode()).hexdigest()
 
@@ -41,9 +42,11 @@ def test_database_folder_is_created_and_schema_versioned(tmp_path: Path) -> None
     conn = sqlite3.connect(tmp_path / "data" / "models.db")
     assert conn.execute("PRAGMA user_version").fetchone()[0] >= 1
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"models", "agents"} <= tables
-    cols = {r[1] for r in conn.execute("PRAGMA table_info(models)")}
-    assert {"name", "type", "endpoint", "kind", "created_at", "updated_at"} <= cols
+    assert {"model_groups", "deployments", "aliases", "agents"} <= tables and "models" not in tables
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(deployments)")}
+    assert {"model_group", "name", "type", "endpoint", "kind", "upstream_model", "key_env", "input_price",
+            "output_price", "context_window", "weight", "rpm", "tpm", "timeout", "enabled", "max_tokens_param",
+            "created_at", "updated_at"} <= cols
     cols = {r[1] for r in conn.execute("PRAGMA table_info(agents)")}
     assert {"name", "endpoint", "models", "registered_at", "last_heartbeat"} <= cols
 
@@ -54,7 +57,7 @@ def test_database_folder_is_created_and_schema_versioned(tmp_path: Path) -> None
     (("m1", "openai", "not a url", "api"), "http(s) URL"),
     (("m1", "openai", "ftp://host/x", "api"), "http(s) URL"),
     (("m1", "openai", "http://host:99999", "api"), "port"),
-    (("existing", "openai", "http://x:1", "api"), "already exists"),
+    (("existing", "local", "http://localhost:5000", "weight"), "already exists"),
 ])
 def test_bad_input_exits_nonzero_with_one_line_and_leaves_db_unchanged(tmp_path: Path, args, fragment) -> None:
     assert run_cli(tmp_path, "add-model", "existing", "local", "http://localhost:5000", "weight").returncode == 0

@@ -89,7 +89,7 @@ async def register(request: Request) -> Response:
     if not isinstance(models, list) or not all(isinstance(m, str) and m.strip() for m in models):
         raise RouterError(422, "'models' must be a list of non-empty strings.", param="models", code="invalid_value")
     models = list(dict.fromkeys(m.strip() for m in models))
-    local_entries = (m.name for m in state.models if m.type == "local")
+    local_entries = state.routes.local_groups()
     refused = state.agent_policy.hosted_names(credential, models, local_entries)
     if refused:
         names = ", ".join(refused)

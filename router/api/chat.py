@@ -1,5 +1,6 @@
 """`POST /v1/chat/completions`: read the body once (bounded), parse it once
-with orjson, check the few fields routing needs, resolve the provider, answer.
+with orjson, check the few fields routing needs, resolve the model group, and
+answer from the cache or through the dispatcher (`router.routing.dispatch`).
 Nothing here is validated into models or re-serialized: providers get the
 parsed dict and the original bytes.
 
@@ -22,7 +23,8 @@ from starlette.types import Message, Receive, Scope, Send
 from router import hops
 from router.auth import Client, check_model
 from router.errors import RouterError
-from router.providers.base import ChatCall, Provider
+from router.providers.base import ChatCall
+from router.routing.deployment import ModelGroup
 from router.state import RouterState
 from router.upstream import SSEResponse
 
@@ -167,20 +169,6 @@ def parse_chat(body: bytes) -> ChatCall:
     return ChatCall(model, payload, body, stream, include_usage)
 
 
-_OTHER_LIMIT = {"max_tokens": "max_completion_tokens", "max_completion_tokens": "max_tokens"}
-
-
-def token_limit_as(call: ChatCall, param: str) -> ChatCall:
-    """`call` with its output-token limit under `param` when it has only the other field (re-serialized
-    then only; otherwise the same call, bytes untouched)."""
-    other = _OTHER_LIMIT[param]
-    payload = call.payload
-    if other not in payload or param in payload:
-        return call
-    payload = {(param if k == other else k): v for k, v in payload.items()}
-    return dataclasses.replace(call, payload=payload, body=orjson.dumps(payload))
-
-
 async def chat_completions(state: RouterState, scope: Scope, receive: Receive, send: Send) -> None:
     metrics = state.metrics
     started = time.perf_counter()
@@ -191,14 +179,17 @@ async def chat_completions(state: RouterState, scope: Scope, receive: Receive, s
         hops.enter(scope, state.settings.router_instance_id)  # 508 for a request that looped back here
         client = state.keys.authenticate(scope)
         call = parse_chat(await read_body(scope, receive, state.settings.max_body_bytes))
-        provider = state.routes.resolve(call.model)
-        if provider.max_tokens_param is not None:
-            call = token_limit_as(call, provider.max_tokens_param)
-        model, provider_name = metrics.model_label(call.model), provider.type
-        check_model(client, call.model)
+        group = state.routes.resolve(call.model)
+        name = group.name or call.model  # the group's name; a prefix rule's shared group has none
+        deployments = group.deployments
+        model = metrics.model_label(call.model)
+        provider_name = deployments[0].type if len(deployments) == 1 else "routed"
+        allowed(client, call.model, name)
         metrics.client(client.label)
-        limit_headers = await state.limiter.check(client, call)
-        response = await answer(state, client, provider, call, scope)
+        # the group's own limits count every name it goes by
+        limit_headers = await state.limiter.check(
+            client, call if name == call.model else dataclasses.replace(call, model=name))
+        response = await answer(state, client, group, name, call, scope)
     except RouterError as exc:
         response = exc.response()
     except Exception:
@@ -223,18 +214,26 @@ async def chat_completions(state: RouterState, scope: Scope, receive: Receive, s
         metrics.observe(model, provider_name, response.status_code, started)
 
 
-async def answer(state: RouterState, client: Client, provider: Provider, call: ChatCall,
+def allowed(client: Client, model: str, group: str) -> None:
+    """403 unless the key's allow-list names the model as sent or, for an alias, the group it stands for."""
+    if client.key is None or client.key.models is None or model in client.key.models:
+        return
+    check_model(client, group if group != model else model)
+
+
+async def answer(state: RouterState, client: Client, group: ModelGroup, name: str, call: ChatCall,
                  scope: Scope) -> Response | SSEResponse:
-    """From the cache when it may and can, else from the provider (and stored when it may)."""
+    """From the cache when it may and can (no deployment is involved then), else from one of the group's
+    deployments (and stored when it may)."""
     read, write = state.cache.policy(call, scope)
     if not (read or write):
-        return await provider.chat(call)
-    key = state.cache.key(client, provider, call)
+        return await state.dispatcher.send(group, call, client)
+    key = state.cache.key(client, name, call)
     if read:
         cached = await state.cache.lookup(key, call)
         if cached is not None:
             return cached
-    response = await provider.chat(call)
+    response = await state.dispatcher.send(group, call, client)
     if write:
         state.cache.record(key, response)
     return response

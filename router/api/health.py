@@ -1,6 +1,6 @@
 """Liveness (`/health`), readiness (`/ready`: the registry is readable; `models`
-counts what is served: registry entries, the built-in `dummy`, live agents'
-models) and `/metrics`."""
+counts what is served: model groups and aliases, the built-in `dummy`, live
+agents' models) and `/metrics`."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ async def health(request: Request) -> Response:
 async def ready(request: Request) -> Response:
     state: RouterState = request.app.state.router
     try:
-        await state.read(lambda conn: conn.execute("SELECT count(*) FROM models").fetchone())
+        await state.read(lambda conn: conn.execute("SELECT count(*) FROM model_groups").fetchone())
     except (sqlite3.Error, OSError) as exc:
         raise RouterError(503, f"registry not readable: {exc.__class__.__name__}", code="not_ready") from None
     return Response(orjson.dumps({"status": "ready", "models": len(catalogue(state))}),

@@ -1,8 +1,10 @@
-"""`GET /v1/models` and `GET /v1/models/{id}` in OpenAI's list format: registry
-models, models announced by live agents, and the built-in `dummy`. Keys are
+"""`GET /v1/models` and `GET /v1/models/{id}` in OpenAI's list format: model
+groups and their aliases, models announced by live agents, and the built-in
+`dummy`. Keys are
 checked as for chat (401), and a key with an allow-list sees only its models.
 
-`owned_by` is the registry type, except that an `openai` entry away from
+`owned_by` is the registry type of a group's deployments ("router" when they
+differ), except that an `openai` entry away from
 OpenAI's own origin (`OPENAI_BASE_URL`) says `openai-compatible`: a llama.cpp
 or vLLM server speaking OpenAI's API is not OpenAI's."""
 
@@ -16,27 +18,33 @@ from starlette.responses import Response
 
 from router.errors import RouterError
 from router.providers.base import same_origin
-from router.registry import ModelEntry
 from router.state import RouterState
 
 _BOOT = 0  # `created` of the built-in dummy model
 
 
-def owned_by(entry: ModelEntry, openai_base_url: str | None) -> str:
-    if entry.type == "openai" and entry.endpoint and not (openai_base_url and same_origin(entry.endpoint,
-                                                                                         openai_base_url)):
+def owned_by(type_: str, endpoint: str, openai_base_url: str | None) -> str:
+    if type_ == "openai" and endpoint and not (openai_base_url and same_origin(endpoint, openai_base_url)):
         return "openai-compatible"
-    return entry.type
+    return type_
 
 
 def catalogue(state: RouterState) -> dict[str, dict[str, Any]]:
-    """Every model this process serves now, by name."""
+    """Every model this process serves now, by name: registry groups and their aliases, live agents' models."""
     out: dict[str, dict[str, Any]] = {"dummy": {"id": "dummy", "object": "model", "created": _BOOT,
                                                 "owned_by": "router"}}
     base = state.settings.openai_base_url
-    for m in state.models:
-        out[m.name] = {"id": m.name, "object": "model", "created": int(m.created_at),
-                       "owned_by": owned_by(m, base)}
+    snapshot = state.snapshot
+    owners: dict[str, set[str]] = {}
+    for d in snapshot.deployments:
+        owners.setdefault(d.group, set()).add(owned_by(d.type, d.endpoint, base))
+    for g in snapshot.groups:
+        owner = owners.get(g.name, set())
+        out[g.name] = {"id": g.name, "object": "model", "created": int(g.created_at),
+                       "owned_by": next(iter(owner)) if len(owner) == 1 else "router"}
+    for alias, target in snapshot.aliases.items():
+        if alias not in out and target in out:
+            out[alias] = {**out[target], "id": alias}
     for agent in state.agents.live():
         for name in agent.models:
             out.setdefault(name, {"id": name, "object": "model", "created": int(agent.registered_at),

@@ -14,6 +14,8 @@ from router.providers.openrouter import OpenRouterProvider
 from router.providers.venice import VeniceProvider
 
 if TYPE_CHECKING:
+    from pydantic import SecretStr
+
     from router.config import Settings
     from router.upstream import UpstreamClient
 
@@ -26,10 +28,14 @@ API_PROVIDERS: dict[str, type[ApiProvider]] = {
 
 
 def build_provider(type_: str, http: UpstreamClient, endpoint: str | None, settings: Settings,
-                   max_tokens_param: str | None = None) -> Provider:
+                   max_tokens_param: str | None = None, key: SecretStr | None = None) -> Provider:
     """An API provider of `type_` for `endpoint` (None: the type's configured default); `max_tokens_param`
-    overrides the provider's choice (a registry entry's option)."""
+    overrides the provider's choice (a registry entry's option); `key` (a deployment's `key_env`) is sent to
+    that endpoint instead of the type's default key, which only ever goes to the default origin."""
     provider = API_PROVIDERS[type_].from_settings(http, endpoint, settings)
+    if key is not None and isinstance(provider, ApiProvider):
+        provider.api_key = key
+        provider.key_required = True
     if max_tokens_param is not None:
         provider.max_tokens_param = max_tokens_param
     return provider

@@ -64,7 +64,7 @@ def test_reregistering_updates_in_place(start_router, agents) -> None:
     assert router.cli("list-models").stdout.count("gpu-1") == 1
 
 
-def test_requests_spread_across_agents_by_fewest_in_flight(start_router, agents) -> None:
+def test_requests_avoid_the_agent_with_requests_in_flight(start_router, agents) -> None:
     # the stub's gated model has a hosted-provider name (gpt-): agents may announce it once allowed
     router = start_router({"LOCAL_AGENT_URL": "", "ROUTER_AGENT_ALLOWED_MODELS": "gpt-gated"})
     with router.http() as http:
@@ -84,12 +84,12 @@ def test_requests_spread_across_agents_by_fewest_in_flight(start_router, agents)
             holder.gate.set()
             assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
         assert len(other.requests) == 3 and len(holder.requests) == 1
-        # with nothing in flight, both agents are used again
+        # with nothing in flight, either may serve: the group's strategy picks the one measured faster
         for a in agents:
             a.reset()
         for _ in range(4):
-            http.post("/v1/chat/completions", json={"model": "gpt-gated", "messages": MSG})
-        assert len(agents[0].requests) == len(agents[1].requests) == 2
+            assert http.post("/v1/chat/completions", json={"model": "gpt-gated", "messages": MSG}).status_code == 200
+        assert len(agents[0].requests) + len(agents[1].requests) == 4
 
 
 def test_heartbeat_unknown_agent_is_404(start_router) -> None:

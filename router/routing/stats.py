@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("router.stats")
 
 TAU = 10.0  # seconds: time constant of the decay towards lower samples
-MIN_SAMPLES = 3  # an estimate is None below this many samples (this process's and other replicas' together)
+MIN_SAMPLES = 1  # an estimate is None below this many samples (this process's and other replicas' together)
 STALE_AFTER = 60.0  # seconds without a sample after which an estimate is stale (strategies probe it again)
 WEIGHT_CAP = 16  # samples that count when merging replicas' estimates: a long-lived replica does not drown
 #                  a fresh view

@@ -14,10 +14,11 @@
   random by `Deployment.weight`; `round-robin` and `random`: baselines.
 
 Latency is the deployment's peak-EWMA estimate (TTFT for streams) times (load + 1), so load counts. An
-unknown price counts as the dearest known one (never as free); an unknown latency (too few samples) as the
-best known one. Exploration keeps estimates fresh: in `cost-latency` and `latency`, EXPLORE_SHARE of the
-requests go to a candidate whose estimate is missing or stale and that has nothing in flight here; when no
-candidate has an estimate at all, the least busy one is taken. Ties take turns.
+unknown price counts as the dearest known one (never as free); an unknown latency (no sample yet) as the
+best known one, or the worst while a request is in flight there. Exploration keeps estimates fresh: in
+`cost-latency` and `latency`, EXPLORE_SHARE of the requests go to a candidate whose estimate is missing or
+stale and that has nothing in flight here; when no candidate has an estimate at all, the least busy one is
+taken. Ties take turns.
 """
 
 from __future__ import annotations
@@ -52,15 +53,20 @@ class _Turns:
 
 
 def _latencies(candidates: Sequence[Deployment], facts: RequestFacts, now: float) -> list[float] | None:
-    """Expected latency x (load + 1) per candidate, an unknown estimate counting as the best known one;
-    None when no candidate has an estimate."""
+    """Expected latency x (load + 1) per candidate; None when no candidate has an estimate.
+
+    An unknown estimate counts as the best known one while nothing is in flight there, and as the worst
+    known one once something is: its first answer is awaited, and requests must not pile onto a deployment
+    that may be slow (they did, in `make bench-routing`, for as long as a slow deployment's first answer
+    took)."""
     stream = facts.stream
     estimates = [d.stats.expected_latency(stream, now) for d in candidates]
     known = [e for e in estimates if e is not None]
     if not known:
         return None
-    best = min(known)
-    return [(best if e is None else e) * (d.stats.load() + 1) for d, e in zip(candidates, estimates, strict=True)]
+    best, worst = min(known), max(known)
+    return [(e if e is not None else worst if d.stats.load() else best) * (d.stats.load() + 1)
+            for d, e in zip(candidates, estimates, strict=True)]
 
 
 def _costs(candidates: Sequence[Deployment], facts: RequestFacts) -> list[float | None]:

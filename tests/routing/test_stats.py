@@ -116,8 +116,9 @@ def test_merge_sums_in_flight_and_weights_estimates_by_capped_samples() -> None:
 
 def test_remote_estimates_combine_with_local_ones() -> None:
     stats = DeploymentStats()
-    call(stats, 1.0, 0.0, stream=True)  # one local sample: not enough alone
-    assert stats.expected_latency(True, 0.0) is None
+    assert stats.expected_latency(True, 0.0) is None  # nothing measured anywhere
+    call(stats, 1.0, 0.0, stream=True)  # one local sample
+    assert stats.expected_latency(True, 0.0) == pytest.approx(1.0)
     stats.remote_in_flight, stats.remote_ttft, stats.remote_latency = merge([{"k": [0, 3.0, 2, 0.1, 0, 0, 0]}])["k"]
     assert stats.samples(True) == 3
     assert stats.expected_latency(True, 0.0) == pytest.approx((1.0 * 1 + 3.0 * 2) / 3)

@@ -84,6 +84,15 @@ def test_cost_latency_leaves_a_free_deployment_once_its_queue_makes_it_slow() ->
     assert shares(strategy, [half, paid], 100) == {"half": 100}  # 0 + 1.5 against 1 + 1
 
 
+def test_an_unmeasured_deployment_with_a_request_in_flight_counts_as_the_slowest() -> None:
+    """While its first answer is awaited, requests do not pile onto a deployment that may be slow."""
+    strategy = build_strategy("latency", SETTINGS, random.Random(4))
+    known, new = dep("known", latency=0.5), dep("new", latency=None)
+    assert strategy.choose([known, new], FACTS, 5.0).id == "new"  # unknown: as good as the best, measured
+    new.stats.begin()
+    assert shares(strategy, [known, new], 100) == {"known": 100}  # 0.5 x 2 with it in flight
+
+
 def test_unknown_price_never_wins_on_cost() -> None:
     known, unknown = dep("known", price=5.0, latency=1.0), dep("unknown", price=None, latency=1.0)
     assert shares(build_strategy("cost", SETTINGS), [unknown, known], 50) == {"known": 50}

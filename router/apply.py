@@ -208,12 +208,7 @@ def _checked(group: str, want: dict[str, Any], have: DeploymentEntry | None) -> 
 
 def export(snap: Snapshot) -> str:
     """The registry's groups, deployments and aliases in the apply format (fields at their default left out)."""
-    aliases: dict[str, list[str]] = {}
-    for alias, group in snap.aliases.items():
-        aliases.setdefault(group, []).append(alias)
-    deployments: dict[str, list[DeploymentEntry]] = {}
-    for d in snap.deployments:
-        deployments.setdefault(d.group, []).append(d)
+    aliases, deployments = snap.by_group()
     models: dict[str, Any] = {}
     for g in snap.groups:
         entry: dict[str, Any] = {k: getattr(g, k) for k in ("strategy", "rpm", "tpm") if getattr(g, k) is not None}

@@ -29,7 +29,7 @@ from rich.table import Table
 
 from router.config import ConfigError, Settings, load_settings
 from router.errors import Scrubber
-from router.registry import DeploymentEntry, RegistryError, RegistryStore, transaction, validate_url
+from router.registry import RegistryError, RegistryStore, transaction, validate_url
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LLM router: serve the OpenAI-compatible endpoint and manage the model registry.")
@@ -404,12 +404,7 @@ def list_models() -> None:
     s = settings()
     with registry(s) as (reg, conn):
         snap = reg.load(conn)
-    aliases: dict[str, list[str]] = {}
-    for alias, group in snap.aliases.items():
-        aliases.setdefault(group, []).append(alias)
-    deployments: dict[str, list[DeploymentEntry]] = {}
-    for d in snap.deployments:
-        deployments.setdefault(d.group, []).append(d)
+    aliases, deployments = snap.by_group()
     table = Table(title=f"models in {s.sqlite_db_path} (prices: USD per million tokens)")
     for col in ("name", "deployment", "type", "kind", "endpoint", "upstream model", "input $", "output $",
                 "context", "weight", "limits", "enabled", "updated"):

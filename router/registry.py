@@ -276,6 +276,16 @@ class Snapshot:
     keys: list[ClientKey] = field(default_factory=list)
     agent_tokens: list[AgentToken] = field(default_factory=list)
 
+    def by_group(self) -> tuple[dict[str, list[str]], dict[str, list[DeploymentEntry]]]:
+        """Aliases and deployments, each listed under its model group's name."""
+        aliases: dict[str, list[str]] = {}
+        for alias, group in self.aliases.items():
+            aliases.setdefault(group, []).append(alias)
+        deployments: dict[str, list[DeploymentEntry]] = {}
+        for d in self.deployments:
+            deployments.setdefault(d.group, []).append(d)
+        return aliases, deployments
+
 
 def strategy_names() -> tuple[str, ...]:
     try:  # imported lazily: the registry must not pull in the routing package

@@ -144,6 +144,7 @@ def main() -> None:
             args.pids[name] = proc.pid
         proc, routers["no-limits"] = start_router(work, {**env, "RATE_LIMIT_REQUESTS": "0"}, "no-limits")
         procs.append(proc)
+        args.pids["no-limits"] = proc.pid
         redis = start_redis(work)
         if redis is not None:
             procs.append(redis[0])
@@ -156,7 +157,8 @@ def main() -> None:
         for name, port in routers.items():
             wait_http(f"http://127.0.0.1:{port}/health" if "bare" not in name else f"http://127.0.0.1:{port}/")
         wait_http(f"http://127.0.0.1:{args.agent_port}/health")
-        time.sleep(1.0)  # the agent's first health check of its worker
+        register_groups(work, env, stub_port)
+        time.sleep(1.5)  # the agent's first health check of its worker; the router's registry poll
         uvloop.run(bench(stub_port, routers, args.pids["router"], args))
     finally:
         for p in procs:
@@ -188,6 +190,36 @@ async def interleaved(host: str, cases: list[tuple[str, int, bytes]], conc: int,
             total.elapsed += r.elapsed
             total.sent += r.sent
     return pooled
+
+
+def register_groups(work: Path, env: dict[str, str], stub_port: int) -> None:
+    """In the "no-limits" router's registry: `gpt-one`, one deployment on the stub, and `gpt-three`, three
+    (the same stub under three spellings of its base URL, so only the choosing differs)."""
+    db = {**env, "PYTHONPATH": str(ROOT), "SQLITE_DB_PATH": str(work / "no-limits" / "models.db")}
+    base = f"http://127.0.0.1:{stub_port}"
+    for name, endpoint in (("gpt-one", base), ("gpt-three", base), ("gpt-three", base + "/v1"),
+                           ("gpt-three", base + "/")):
+        subprocess.run([sys.executable, "-m", "router.cli", "add-model", name, "openai", endpoint, "api"],
+                       cwd=ROOT, env=db, check=True, stdout=subprocess.DEVNULL)
+
+
+async def routing_overhead(host: str, port: int, args: argparse.Namespace, plain: bytes) -> None:
+    """What choosing among three deployments costs over a one-deployment group (target: at most 20 us)."""
+    print()
+    print("Routing among three deployments (the default strategy) against one, the same stub behind both "
+          "(server CPU per request; target: at most 20 us more):")
+    print()
+    print("| conc | one: req/s | one: CPU us/req | three: req/s | three: CPU us/req | added CPU us/req |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    one, three = plain.replace(b'"gpt-bench"', b'"gpt-one"'), plain.replace(b'"gpt-bench"', b'"gpt-three"')
+    for conc in (1, 16):
+        pooled = await interleaved(host, [("one", port, one), ("three", port, three)], conc, args, rounds=6,
+                                   pids={"one": args.pids["no-limits"], "three": args.pids["no-limits"]})
+        a, b = pooled["one"], pooled["three"]
+        errors = f" ({a.errors + b.errors} errors)" if a.errors or b.errors else ""
+        print(f"| {conc} | {a.rps:,.0f} | {a.cpu_per_request * 1e6:.0f} | {b.rps:,.0f} | "
+              f"{b.cpu_per_request * 1e6:.0f} | {(b.cpu_per_request - a.cpu_per_request) * 1e6:+.0f}{errors} |",
+              flush=True)
 
 
 def pin(stub_pids: list[int], server_pids: list[int]) -> bool:
@@ -312,6 +344,8 @@ async def bench(stub_port: int, routers: dict[str, int], router_pid: int, args: 
             print(f"| {label} | {conc} | {r.rps:,.0f} | {ms(Result.pct(r.latencies, 50))} | "
                   f"{ms(Result.pct(r.latencies, 99))} | {ms(Result.pct(r.latencies, 50) - direct_p50)} |",
                   flush=True)
+
+    await routing_overhead(host, routers["no-limits"], args, plain)
 
     print()
     print("Local Agent in front of one worker (the stub, launcher: external), against the worker direct:")

@@ -1,8 +1,7 @@
-"""Agents known to this router process: their entries (from the registry), last
+"""Agents known to this router process: their entries (from the registry) and last
 heartbeats (in memory: the latest this process heard of, directly, through Redis
-or from the registry; see `router.liveness`), and in-flight request counts; which
-are alive (`AGENT_TTL`); and, per model, the pool that picks the live agent with
-the fewest requests in flight."""
+or from the registry; see `router.liveness`); which are alive (`AGENT_TTL`).
+Choosing among them is the routing strategies' work: each agent is a deployment."""
 
 from __future__ import annotations
 
@@ -12,25 +11,11 @@ from collections.abc import Iterable
 from router.registry import AgentEntry
 
 
-class InFlight:
-    """Requests in flight per agent, in this process."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-
-    def begin(self, name: str) -> None:
-        self.counts[name] = self.counts.get(name, 0) + 1
-
-    def end(self, name: str) -> None:
-        self.counts[name] = self.counts.get(name, 1) - 1
-
-
 class AgentDirectory:
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self.agents: dict[str, AgentEntry] = {}
         self.heartbeats: dict[str, float] = {}
-        self.tracker = InFlight()
 
     def replace(self, agents: Iterable[AgentEntry]) -> None:
         """Hold exactly `agents`; a heartbeat this process heard after the registry's stays."""
@@ -47,8 +32,6 @@ class AgentDirectory:
 
     def remove(self, name: str) -> AgentEntry | None:
         self.heartbeats.pop(name, None)
-        if not self.tracker.counts.get(name):
-            self.tracker.counts.pop(name, None)
         return self.agents.pop(name, None)
 
     def beat(self, name: str, now: float) -> None:
@@ -62,39 +45,3 @@ class AgentDirectory:
     def live(self) -> list[AgentEntry]:
         now = time.time()
         return [a for a in self.agents.values() if self.is_live(a.name, now)]
-
-    def models(self) -> dict[str, list[str]]:
-        """Model name -> names of the agents that announced it (alive or not)."""
-        out: dict[str, list[str]] = {}
-        for agent in self.agents.values():
-            for model in agent.models:
-                out.setdefault(model, []).append(agent.name)
-        return out
-
-
-class AgentPool:
-    """The agents serving one model; `pick` is O(agents for that model)."""
-
-    def __init__(self, directory: AgentDirectory, names: list[str]) -> None:
-        self.directory = directory
-        self.names = names
-        self.tracker = directory.tracker
-        self._turn = 0  # rotates the starting agent so ties are shared round-robin
-
-    def has_live(self) -> bool:
-        now = time.time()
-        return any(self.directory.is_live(n, now) for n in self.names)
-
-    def pick(self, exclude: tuple[str, ...] = ()) -> AgentEntry | None:
-        now = time.time()
-        counts = self.tracker.counts
-        best, best_load = None, 0
-        names = self.names
-        self._turn = start = (self._turn + 1) % len(names) if names else 0
-        for i in range(len(names)):
-            name = names[(start + i) % len(names)]
-            if self.directory.is_live(name, now) and name not in exclude:
-                load = counts.get(name, 0)
-                if best is None or load < best_load:
-                    best, best_load = name, load
-        return self.directory.agents[best] if best is not None else None

@@ -45,7 +45,7 @@ from router.auth import ANONYMOUS_CACHE_SCOPE, Client
 from router.observability import Metrics
 from router.providers.base import ChatCall
 from router.redis_link import RedisLink, RedisUnavailable
-from router.upstream import SSEResponse
+from router.upstream import SSEResponse, close_source
 
 NOT_SEMANTIC = frozenset({"stream", "stream_options", "user", "metadata", "store", "safety_identifier",
                           "prompt_cache_key", "service_tier"})
@@ -193,9 +193,7 @@ class ResponseCache:
                 assembler.feed(chunk)
                 yield chunk
         finally:
-            aclose = getattr(source, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close_source(source)
         completion = assembler.completion()
         if completion is not None:
             self._store(key, orjson.dumps(completion))

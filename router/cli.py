@@ -315,17 +315,14 @@ def list_keys() -> None:
     s = settings()
     with registry(s) as (reg, conn):
         keys = reg.load_keys(conn)
-    table = Table(title="client keys")
-    for col in ("name", "prefix", "rpm", "tpm", "models", "expires", "status"):
-        table.add_column(col)
     now = datetime.now().timestamp()
-    for k in keys:
-        status = ("revoked" if k.revoked_at is not None
-                  else "expired" if k.expires_at is not None and k.expires_at <= now else "active")
-        table.add_row(k.name, k.key_prefix + "…", str(k.rpm or "default"), str(k.tpm or "default"),
-                      ", ".join(sorted(k.models)) if k.models is not None else "all",
-                      _when(k.expires_at) if k.expires_at else "never", status)
-    out.print(table)
+    show("client keys", ("name", "prefix", "rpm", "tpm", "models", "expires", "status"), [
+        (k.name, k.key_prefix + "…", str(k.rpm or "default"), str(k.tpm or "default"),
+         ", ".join(sorted(k.models)) if k.models is not None else "all",
+         _when(k.expires_at) if k.expires_at else "never",
+         "revoked" if k.revoked_at is not None
+         else "expired" if k.expires_at is not None and k.expires_at <= now else "active")
+        for k in keys])
 
 
 @app.command("revoke-key")
@@ -400,37 +397,34 @@ def list_models() -> None:
     """List model groups and their deployments (prices: explicit, genai-prices' default, or unknown), aliases,
     and the agents that announced themselves."""
     from router.prices import default_price
+    from router.routing.deployment import DEFAULT_STRATEGY
 
     s = settings()
     with registry(s) as (reg, conn):
         snap = reg.load(conn)
     aliases, deployments = snap.by_group()
-    table = Table(title=f"models in {s.sqlite_db_path} (prices: USD per million tokens)")
-    for col in ("name", "deployment", "type", "kind", "endpoint", "upstream model", "input $", "output $",
-                "context", "weight", "limits", "enabled", "updated"):
-        table.add_column(col)
+    rows: list[tuple[str, ...]] = []
     for g in snap.groups:
-        limits = f"{g.rpm or '-'} rpm, {g.tpm or '-'} tpm" if g.rpm or g.tpm else ""
+        limits = _limits(g.rpm, g.tpm)
         head = g.name + (f" (aliases: {', '.join(aliases[g.name])})" if g.name in aliases else "")
-        table.add_row(head, f"strategy: {g.strategy or 'cost-latency'}", "", "", "", "", "", "", "", "",
-                      f"group: {limits}" if limits else "", "", _when(g.updated_at))
+        rows.append((head, f"strategy: {g.strategy or DEFAULT_STRATEGY}", "", "", "", "", "", "", "", "",
+                     f"group: {limits}" if limits else "", "", _when(g.updated_at)))
         for d in deployments.get(g.name, []):
             default = default_price(d.type, d.upstream_model or d.group)
             context = d.context_window or (default.context_window if default else None)
-            table.add_row("", d.name, d.type, d.kind, d.endpoint, d.upstream_model or "-",
-                          _price(d.input_price, default.input if default else None),
-                          _price(d.output_price, default.output if default else None),
-                          (f"{context}" + ("" if d.context_window else " (default)")) if context else "unknown",
-                          f"{d.weight:g}", f"{d.rpm or '-'} rpm, {d.tpm or '-'} tpm" if d.rpm or d.tpm else "-",
-                          "yes" if d.enabled else "no", _when(d.updated_at))
-    out.print(table)
+            rows.append(("", d.name, d.type, d.kind, d.endpoint, d.upstream_model or "-",
+                         _price(d.input_price, default.input if default else None),
+                         _price(d.output_price, default.output if default else None),
+                         (f"{context}" + ("" if d.context_window else " (default)")) if context else "unknown",
+                         f"{d.weight:g}", _limits(d.rpm, d.tpm) or "-", "yes" if d.enabled else "no",
+                         _when(d.updated_at)))
+    show(f"models in {s.sqlite_db_path} (prices: USD per million tokens)",
+         ("name", "deployment", "type", "kind", "endpoint", "upstream model", "input $", "output $", "context",
+          "weight", "limits", "enabled", "updated"), rows)
     if snap.agents:
-        at = Table(title="agents")
-        for col in ("name", "endpoint", "models", "last heartbeat", "credential"):
-            at.add_column(col)
-        for a in snap.agents:
-            at.add_row(a.name, a.endpoint, ", ".join(a.models), _when(a.last_heartbeat), a.token_name or "-")
-        out.print(at)
+        show("agents", ("name", "endpoint", "models", "last heartbeat", "credential"),
+             [(a.name, a.endpoint, ", ".join(a.models), _when(a.last_heartbeat), a.token_name or "-")
+              for a in snap.agents])
 
 
 @app.command("apply")
@@ -498,13 +492,9 @@ def list_agent_tokens() -> None:
     s = settings()
     with registry(s) as (reg, conn):
         tokens = reg.load_agent_tokens(conn)
-    table = Table(title="agent tokens")
-    for col in ("name", "prefix", "models", "created", "status"):
-        table.add_column(col)
-    for t in tokens:
-        table.add_row(t.name, t.token_prefix + "…", ", ".join(sorted(t.models)) if t.models else "-",
-                      _when(t.created_at), "revoked" if t.revoked_at is not None else "active")
-    out.print(table)
+    show("agent tokens", ("name", "prefix", "models", "created", "status"), [
+        (t.name, t.token_prefix + "…", ", ".join(sorted(t.models)) if t.models else "-", _when(t.created_at),
+         "revoked" if t.revoked_at is not None else "active") for t in tokens])
 
 
 @app.command("revoke-agent-token")
@@ -516,6 +506,20 @@ def revoke_agent_token(name: str = typer.Argument(..., help="The token's name or
     if not count:
         fail(f"no active agent token named {name!r}")
     out.print(f"revoked agent token {name}")
+
+
+def show(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Print a table (whole cells when piped)."""
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+def _limits(rpm: int | None, tpm: int | None) -> str:
+    return f"{rpm or '-'} rpm, {tpm or '-'} tpm" if rpm or tpm else ""
 
 
 def _when(ts: float) -> str:

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 import orjson
 from starlette.responses import Response
 
-from router.upstream import SSEResponse
+from router.upstream import SSEResponse, close_source
 
 _KEY = b'"model"'
 _STRING_RE = rb'"[^"\\]*(?:\\.[^"\\]*)*"'  # a JSON string, as a loop sre runs fast
@@ -192,9 +192,7 @@ class _Renamed:
         raise StopAsyncIteration
 
     async def aclose(self) -> None:
-        aclose = getattr(self.source, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await close_source(self.source)
 
 
 class ModelRename:

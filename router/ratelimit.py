@@ -69,8 +69,10 @@ class LocalLimiter:
         self.tat: dict[str, float] = {}  # theoretical arrival time per limit key
         self.max_keys = max_keys
 
-    def check(self, limits: list[Limit]) -> list[Outcome]:
-        now = time.monotonic()
+    def check(self, limits: list[Limit], now: float | None = None, charge: bool = True) -> list[Outcome]:
+        """Each limit's outcome; the request is charged to all of them only if all admit it (and `charge`)."""
+        if now is None:
+            now = time.monotonic()
         outcomes: list[Outcome] = []
         updates: list[tuple[str, float]] = []
         for limit in limits:
@@ -84,7 +86,7 @@ class LocalLimiter:
             else:
                 outcomes.append(Outcome(True, int((PERIOD - used) / interval + 1e-6), 0.0, used))
                 updates.append((limit.key, now + used))
-        if all(o.allowed for o in outcomes):
+        if charge and all(o.allowed for o in outcomes):
             self.tat.update(updates)
             if len(self.tat) > self.max_keys:  # forget buckets that are full again
                 self.tat = {k: v for k, v in self.tat.items() if v > now}

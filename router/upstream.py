@@ -115,11 +115,16 @@ class SSEResponse:
                 watcher.cancel()
             elif disconnects is not None:
                 disconnects.callbacks.remove(client_left)
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close_source(self.body_iterator)
             for callback in self.on_close:
                 callback()
+
+
+async def close_source(source: AsyncIterator[bytes]) -> None:
+    """Close a stream's source (an async generator, or a wrapper around one) so its upstream is released."""
+    aclose = getattr(source, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 def sse_error_tail(tail: bytes) -> bytes:

@@ -64,7 +64,9 @@ def test_stream_is_recorded_and_replayed_and_crosses_modes(start_router, stub: O
                 pass
             return s.get_final_completion()
 
-    time.sleep(0.2)  # the recorded stream is stored right after it ends
+    # the recorded stream is stored right after it ends, off the request's path: wait until it is
+    with router.http() as http:
+        assert wait_for(lambda: sample(http.get("/metrics").text, "router_cache_entries") == 1, 5)
     again = replayed()
     assert chat_requests(stub) == 1
     call_live, call_again = live.choices[0].message.tool_calls[0], again.choices[0].message.tool_calls[0]

@@ -218,7 +218,7 @@ def allowed(client: Client, model: str, group: str) -> None:
     """403 unless the key's allow-list names the model as sent or, for an alias, the group it stands for."""
     if client.key is None or client.key.models is None or model in client.key.models:
         return
-    check_model(client, group if group != model else model)
+    check_model(client, group)
 
 
 async def answer(state: RouterState, client: Client, group: ModelGroup, name: str, call: ChatCall,

@@ -1,12 +1,12 @@
 """`GET /v1/models` and `GET /v1/models/{id}` in OpenAI's list format: model
 groups and their aliases, models announced by live agents, and the built-in
-`dummy`. Keys are
-checked as for chat (401), and a key with an allow-list sees only its models.
+`dummy`. Keys are checked as for chat (401), and a key with an allow-list sees
+only its models.
 
 `owned_by` is the registry type of a group's deployments ("router" when they
-differ), except that an `openai` entry away from
-OpenAI's own origin (`OPENAI_BASE_URL`) says `openai-compatible`: a llama.cpp
-or vLLM server speaking OpenAI's API is not OpenAI's."""
+differ), except that an `openai` entry away from OpenAI's own origin
+(`OPENAI_BASE_URL`) says `openai-compatible`: a llama.cpp or vLLM server
+speaking OpenAI's API is not OpenAI's."""
 
 from __future__ import annotations
 

@@ -43,7 +43,8 @@ class Provider(ABC):
     #: the registry `type` this class serves; also the `provider` metric label
     type: ClassVar[str]
     #: the field this upstream reads the output-token limit from ("max_tokens" or "max_completion_tokens");
-    #: a request carrying only the other one gets it renamed (`router.api.chat`); None: bodies pass untouched
+    #: a request carrying only the other one gets it renamed (`router.routing.dispatch`); None: bodies pass
+    #: untouched
     max_tokens_param: str | None = None
 
     @abstractmethod

@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from starlette.responses import Response
-from yarl import URL
 
 from router.errors import RouterError
-from router.providers.base import ApiProvider, ChatCall
+from router.providers.base import ChatCall
+from router.providers.openai import OpenAICompatibleProvider
 
 if TYPE_CHECKING:
     from pydantic import SecretStr
@@ -24,15 +24,16 @@ if TYPE_CHECKING:
     from router.upstream import SSEResponse, UpstreamClient
 
 
-class LocalProvider(ApiProvider):
+class LocalProvider(OpenAICompatibleProvider):
+    """The OpenAI-compatible pass-through, sending the agent token; no endpoint counts as not answering."""
+
     type = "local"
     url_var = "LOCAL_AGENT_URL"
 
     def __init__(self, http: UpstreamClient, endpoint: str | None, token: SecretStr | None = None) -> None:
         super().__init__(http, endpoint or "", token, key_required=False)
-        self.url = URL(self.base_url + "/v1/chat/completions", encoded=True) if self.base_url else None
 
     async def chat(self, call: ChatCall) -> Response | SSEResponse:
-        if self.url is None:  # the `local` prefix rule without LOCAL_AGENT_URL: as if nothing answered
+        if not self.base_url:  # the `local` prefix rule without LOCAL_AGENT_URL: as if nothing answered
             raise RouterError(502, "LOCAL_AGENT_URL is not set", code="upstream_unreachable")
-        return await self.http.forward(self.type, self.url, call.body, self.headers(), call.stream)
+        return await super().chat(call)

@@ -1,13 +1,13 @@
 """The dispatcher: one request to one of its group's deployments.
 
-`Dispatcher.send` keeps the deployments that are enabled, healthy, within their own rpm/tpm (GCRA in this
-process) and whose context window fits the request; applies OpenRouter's `provider` object (`only`,
-`ignore`, `order`, `allow_fallbacks`, `sort`, `max_price`), which is removed from the body for every
-upstream but `openrouter`; lets the strategy choose; moves a request whose expected cost is over
-`ROUTER_COST_THRESHOLD` to a healthy local deployment; rewrites the body for the deployment (its
-`max_tokens_param`, its upstream model name) and the answer back (the public name); records the attempt
-in the deployment's statistics exactly once (errors, streams and clients that leave included); and marks
-every answer with `x-router-deployment`. A deployment that could not be reached before answering
+`Dispatcher.send` keeps the deployments that are enabled, healthy, within their own rpm/tpm (in this
+process, through `ratelimit.LocalLimiter`) and whose context window fits the request; applies OpenRouter's
+`provider` object (`only`, `ignore`, `order`, `allow_fallbacks`, `sort`, `max_price`), which is removed from
+the body for every upstream but `openrouter`; lets the strategy choose; moves a request whose expected cost
+is over `ROUTER_COST_THRESHOLD` to a healthy local deployment; rewrites the body for the deployment (its
+`max_tokens_param`, its upstream model name) and the answer back (the public name); records the attempt in
+the deployment's statistics exactly once (errors, streams and clients that leave included); and marks every
+answer with `x-router-deployment`. A deployment that could not be reached before answering
 (`upstream.NOT_ANSWERED`) is skipped for the next candidate. Nothing is computed that the request does not
 need: a single deployment without limits or context window costs a few attribute reads.
 """
@@ -15,7 +15,6 @@ need: a single deployment without limits or context window costs a few attribute
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,16 +25,16 @@ from starlette.responses import Response
 from router.auth import Client
 from router.config import Settings
 from router.errors import RouterError
+from router.ratelimit import Limit, LocalLimiter
 from router.providers.base import ChatCall
 from router.routing.deployment import Deployment, ModelGroup, RequestFacts, Strategy
 from router.routing.estimate import output_tokens, prompt_tokens
 from router.routing.stats import DeploymentStats
 from router.routing.strategies import SORTS, build_strategy
-from router.upstream import NOT_ANSWERED, SSEResponse
+from router.upstream import NOT_ANSWERED, SSEResponse, close_source
 
 HEADER_NAME = "x-router-deployment"
 HEADER = HEADER_NAME.encode()
-PERIOD = 60.0  # seconds: rpm and tpm
 _OTHER_LIMIT = {"max_tokens": "max_completion_tokens", "max_completion_tokens": "max_tokens"}
 USD_PER_THRESHOLD_UNIT = 1e-5  # ROUTER_COST_THRESHOLD counts thousandths of a US cent
 
@@ -115,32 +114,6 @@ def _matches(d: Deployment, names: tuple[str, ...]) -> bool:
     return d.id.lower() in names or d.type in names
 
 
-class _Gcra:
-    """A deployment's own rpm and tpm in this process: theoretical arrival times, full-minute bursts."""
-
-    __slots__ = ("requests", "tokens")
-
-    def __init__(self, now: float) -> None:
-        self.requests = self.tokens = now
-
-    @staticmethod
-    def _next(tat: float, now: float, rate: int | None, cost: int) -> float | None:
-        """The new arrival time if `cost` fits `rate` per minute now, else None."""
-        if not rate:
-            return tat
-        ahead = max(tat - now, 0.0) + cost * PERIOD / rate
-        return now + ahead if ahead <= PERIOD + 1e-7 else None
-
-    def take(self, d: Deployment, tokens: int, now: float, charge: bool) -> bool:
-        requests = self._next(self.requests, now, d.rpm, 1)
-        used = self._next(self.tokens, now, d.tpm, tokens)
-        if requests is None or used is None:
-            return False
-        if charge:
-            self.requests, self.tokens = requests, used
-        return True
-
-
 class _Timed:
     """A stream's body iterator that reports its first chunk as the deployment's time to first token."""
 
@@ -163,9 +136,7 @@ class _Timed:
         return chunk
 
     async def aclose(self) -> None:
-        aclose = getattr(self.source, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await close_source(self.source)
 
 
 class Dispatcher:
@@ -173,8 +144,8 @@ class Dispatcher:
         self.clock = clock
         self.threshold = settings.router_cost_threshold * USD_PER_THRESHOLD_UNIT  # USD; 0: no rule
         self.sorts: dict[str, Strategy] = {sort: build_strategy(name, settings) for sort, name in SORTS.items()}
-        #: a deployment's GCRA, by its statistics object (the same across route-table rebuilds)
-        self._rates: weakref.WeakKeyDictionary[DeploymentStats, _Gcra] = weakref.WeakKeyDictionary()
+        #: deployments' own rpm/tpm, keyed by group and id (the same across route-table rebuilds)
+        self._limits = LocalLimiter()
 
     async def send(self, group: ModelGroup, call: ChatCall, client: Client | None = None) -> Response | SSEResponse:
         """The answer of one of `group`'s deployments (`client`: who asks; its allow-list was checked on the
@@ -201,7 +172,7 @@ class Dispatcher:
                 if d.context_window is not None and need > d.context_window:
                     too_long += 1
                     skipped.append(f"{_label(d)}: context window {d.context_window} < {need} tokens")
-                elif (d.rpm or d.tpm) and not self._rate(d, now).take(d, need, now, charge=False):
+                elif (d.rpm or d.tpm) and not self._within_limits(d, need, now, charge=False):
                     limited += 1
                     skipped.append(f"{_label(d)}: over its own rate limit")
                 else:
@@ -221,7 +192,7 @@ class Dispatcher:
             d = self._choose(group, candidates, ordered, call, steer, facts, now)
             if d.rpm or d.tpm:
                 facts = facts or self._facts(call, steer)
-                self._rate(d, now).take(d, facts.prompt_tokens + facts.output_tokens, now, charge=True)
+                self._within_limits(d, facts.prompt_tokens + facts.output_tokens, now, charge=True)
             try:
                 return await self._attempt(d, call, strip)
             except RouterError as exc:
@@ -241,11 +212,11 @@ class Dispatcher:
         return RequestFacts(prompt_tokens(call.payload), output_tokens(call.payload), call.stream,
                             steer.sort if steer is not None else None)
 
-    def _rate(self, d: Deployment, now: float) -> _Gcra:
-        rate = self._rates.get(d.stats)
-        if rate is None:
-            rate = self._rates[d.stats] = _Gcra(now)
-        return rate
+    def _within_limits(self, d: Deployment, tokens: int, now: float, charge: bool) -> bool:
+        key = f"rl:deployment:{d.group}\x00{d.id}:"
+        limits = [Limit(key + kind, kind, "deployment", rate, cost)
+                  for kind, rate, cost in (("requests", d.rpm, 1), ("tokens", d.tpm, tokens)) if rate]
+        return all(o.allowed for o in self._limits.check(limits, now, charge))
 
     def _choose(self, group: ModelGroup, candidates: list[Deployment], ordered: list[Deployment], call: ChatCall,
                 steer: Steering | None, facts: RequestFacts | None, now: float) -> Deployment:

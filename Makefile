@@ -44,8 +44,17 @@ lint: $(VENV)/.installed-test
 	$(BIN)/python -m ruff check router local_agent tests bench
 	$(BIN)/python -m mypy router local_agent
 
-test: lint
+test: lint .venv-tools/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# [compose] docker-compose 1.29 validates deploy/compose offline (tests/deploy/test_compose.py); it pins PyYAML<6,
+# so it lives in its own virtualenv. PyYAML 5.4 has no wheel for Python 3.11+ and its build needs Cython<3.
+.venv-tools/.installed:
+	@test -x .venv-tools/bin/python || $(PYTHON) -m venv .venv-tools
+	.venv-tools/bin/python -m pip install --quiet "cython<3" wheel setuptools
+	.venv-tools/bin/python -m pip install --quiet --no-build-isolation "pyyaml==5.4.1"
+	.venv-tools/bin/python -m pip install --quiet "docker-compose==1.29.2"
+	@touch $@
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.run
@@ -65,4 +74,4 @@ vllm: .venv-vllm/.installed
 	@touch $@
 
 clean:
-	rm -rf $(VENV) .venv-vllm *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-vllm .venv-tools *.egg-info .pytest_cache

@@ -1,10 +1,12 @@
 """The ASGI application: routes, error handlers, and the process lifespan.
 
-`create_app` is the uvicorn factory (`router serve` runs it in each worker).
+`create_app` is the uvicorn factory (`router serve` runs it in each worker). Its lifespan hands the
+worker's stop signals to `router.shutdown.Drain` (`/ready` turns 503, a delay, then uvicorn's drain).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +23,7 @@ from router.config import Settings, get_settings
 from router.errors import RouterError, error_body, http_error_response, router_error_response
 from router.observability import setup_logging
 from router.server import RouterHttpProtocol
+from router.shutdown import Drain
 from router.state import RouterState
 
 log = logging.getLogger("router")
@@ -37,14 +40,17 @@ def create_app(settings: Settings | None = None) -> RouterApp:
     setup_logging(settings)
     RouterHttpProtocol.configure(settings)  # `router serve`'s protocol, in this worker
     state = RouterState(settings)
+    drain = Drain(settings.shutdown_delay, settings.shutdown_grace_period)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await state.start()
-        log.info("router ready: registry %s, %d models", settings.sqlite_db_path, len(state.snapshot.groups))
+        drain.install()
+        log.info("router ready: registry %s, %d models", state.store.location, len(state.snapshot.groups))
         try:
             yield
         finally:
+            drain.uninstall()
             await state.stop()
 
     app = Starlette(
@@ -63,7 +69,8 @@ def create_app(settings: Settings | None = None) -> RouterApp:
         lifespan=lifespan,
     )
     app.state.router = state
-    return RouterApp(app, state)
+    app.state.shutdown = drain  # `/ready` reads its `draining`
+    return RouterApp(app, state, drain)
 
 
 async def _chat_route(request: Request) -> Response:
@@ -76,12 +83,19 @@ class RouterApp:
     """The ASGI entry point: `POST /v1/chat/completions` goes straight to its
     handler; everything else (and the lifespan) goes through Starlette."""
 
-    def __init__(self, app: Starlette, state: RouterState) -> None:
+    def __init__(self, app: Starlette, state: RouterState, drain: Drain) -> None:
         self.app = app
         self.state = state
+        self.drain = drain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/v1/chat/completions" and scope["method"] == "POST":
-            await chat.chat_completions(self.state, scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+        try:
+            if scope["type"] == "http" and scope["path"] == "/v1/chat/completions" and scope["method"] == "POST":
+                await chat.chat_completions(self.state, scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+        except asyncio.CancelledError:
+            if not self.drain.cut:
+                raise
+            # the grace period is over: the server answered this request's client and closed the connection
+            # (RouterHttpProtocol.cut_all), then cancelled it; that is its end, not an error to log

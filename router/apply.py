@@ -5,7 +5,6 @@ in one transaction. Deployments are matched by name; one without a name gets the
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import yaml
 
 from router.registry import (
+    Connection,
     DEPLOYMENT_DEFAULTS,
     DEPLOYMENT_FIELDS,
     DeploymentEntry,
@@ -122,7 +122,7 @@ class Plan:
     def summary(self) -> str:
         return f"{self.added} added, {self.changed} changed, {self.removed} removed"
 
-    def write(self, store: RegistryStore, conn: sqlite3.Connection) -> None:
+    def write(self, store: RegistryStore, conn: Connection) -> None:
         now = time.time()
         with transaction(conn):
             for fn in self._writes:

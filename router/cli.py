@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import secrets
-import sqlite3
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -29,7 +29,7 @@ from rich.table import Table
 
 from router.config import ConfigError, Settings, load_settings
 from router.errors import Scrubber
-from router.registry import RegistryError, RegistryStore, transaction, validate_url
+from router.registry import Connection, RegistryError, RegistryStore, open_store, transaction, validate_url
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LLM router: serve the OpenAI-compatible endpoint and manage the model registry.")
@@ -50,16 +50,23 @@ def settings() -> Settings:
 
 
 def store(s: Settings) -> RegistryStore:
-    return RegistryStore(s.sqlite_db_path)
+    """The configured registry: Postgres (DATABASE_URL) or the SQLite file (SQLITE_DB_PATH)."""
+    return open_store(s)
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 CLI_BUSY_TIMEOUT = 5.0  # seconds a command waits for another writer's lock
 
 
 @contextmanager
-def registry(s: Settings) -> Iterator[tuple[RegistryStore, sqlite3.Connection]]:
-    """The open registry; any database or input error in the block becomes one line on stderr and exit 1."""
+def registry(s: Settings) -> Iterator[tuple[RegistryStore, Connection]]:
+    """The open registry (SQLite or Postgres); any database or input error in the block becomes one line on
+    stderr and exit 1."""
     registry_store = store(s)
+    where = registry_store.location
     try:
         conn = registry_store.connect(busy_timeout=CLI_BUSY_TIMEOUT)
         try:
@@ -68,12 +75,12 @@ def registry(s: Settings) -> Iterator[tuple[RegistryStore, sqlite3.Connection]]:
             conn.close()
     except RegistryError as exc:
         fail(str(exc))
-    except sqlite3.OperationalError as exc:
-        if "locked" in str(exc) or "busy" in str(exc):
-            fail(f"registry {s.sqlite_db_path} is locked by another process; try again ({exc})")
-        fail(f"cannot use registry {s.sqlite_db_path}: {exc}")
-    except (sqlite3.Error, OSError) as exc:
-        fail(f"cannot use registry {s.sqlite_db_path}: {exc.__class__.__name__}: {exc}")
+    except registry_store.unavailable_errors as exc:
+        if registry_store.is_busy(exc):
+            fail(f"registry {where} is locked by another process; try again ({one_line(exc)})")
+        fail(f"cannot use registry {where}: {one_line(exc)}")
+    except registry_store.database_errors + (OSError,) as exc:
+        fail(f"cannot use registry {where}: {exc.__class__.__name__}: {one_line(exc)}")
 
 
 @app.command()
@@ -83,21 +90,20 @@ def serve(
     workers: int | None = typer.Option(None, help="Worker processes sharing the registry (default 1)."),
 ) -> None:
     """Serve the router."""
-    import uvicorn
-
     s = settings()
     workers = workers or s.router_workers
     try:
         store(s).connect().close()  # create and migrate the registry once, before workers start
     except Exception as exc:  # noqa: BLE001
-        fail(f"cannot open registry {s.sqlite_db_path}: {exc}")
+        fail(f"cannot open registry {store(s).location}: {one_line(exc)}")
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="router-metrics-")
     if s.router_instance_id is None:  # one id for every worker of this server: a loop is caught at its first pass
         os.environ["ROUTER_INSTANCE_ID"] = secrets.token_hex(6)
     from router.server import RouterHttpProtocol
+    from router.shutdown import serve as run_server, uvicorn_grace
 
-    uvicorn.run(
+    run_server(  # uvicorn.run, draining on SIGTERM (router/shutdown.py)
         "router.app:create_app", factory=True,
         host=host or s.router_host, port=port or s.router_port, workers=workers,
         # httptools with deadlines for request heads and bodies (REQUEST_HEADER_TIMEOUT, REQUEST_BODY_TIMEOUT)
@@ -109,8 +115,35 @@ def serve(
         # request came through a trusted proxy; off by default, which also keeps that work off the hot path
         proxy_headers=s.router_trusted_proxies is not None,
         forwarded_allow_ips=s.router_trusted_proxies or "127.0.0.1",
-        timeout_graceful_shutdown=30,
+        # in-flight requests get SHUTDOWN_GRACE_PERIOD after SHUTDOWN_DELAY; router.shutdown cuts them at its end,
+        # uvicorn's own deadline is a backstop just after
+        timeout_graceful_shutdown=uvicorn_grace(s.shutdown_grace_period),
     )
+
+
+@app.command()
+def migrate(
+    wait: float = typer.Option(0.0, "--wait", min=0, help="Seconds to wait for the database to accept "
+                               "connections (a Kubernetes hook starting next to Postgres)."),
+) -> None:
+    """Create or upgrade the registry's schema (the SQLite file, or DATABASE_URL's Postgres) and exit."""
+    s = settings()
+    reg = store(s)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            reg.connect().close()
+            break
+        except RegistryError as exc:
+            fail(str(exc))
+        except reg.unavailable_errors + (OSError,) as exc:  # not reachable (yet): wait, then fail loudly
+            if time.monotonic() >= deadline:
+                fail(f"cannot reach registry {reg.location}"
+                     + (f" within {wait:g}s" if wait else "") + f": {one_line(exc)}")
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        except reg.database_errors as exc:
+            fail(f"cannot migrate registry {reg.location}: {exc.__class__.__name__}: {one_line(exc)}")
+    out.print(f"registry {reg.location}: schema up to date")
 
 
 KIND_HELP = ("api or weight. api: a provider's hosted API (their hardware, billed per token); weight: weights "
@@ -121,14 +154,16 @@ KIND_HELP = ("api or weight. api: a provider's hosted API (their hardware, bille
 def deployment_options(name: str | None, upstream_model: str | None, key_env: str | None,
                        input_price: float | None, output_price: float | None, context_window: int | None,
                        weight: float | None, rpm: int | None, tpm: int | None, timeout: float | None,
-                       max_tokens_param: str | None) -> dict[str, Any]:
+                       max_tokens_param: str | None, max_parallel: int | None = None) -> dict[str, Any]:
     """The deployment fields given on the command line (None: not given)."""
     given = {"name": name, "upstream_model": upstream_model, "key_env": key_env, "input_price": input_price,
              "output_price": output_price, "context_window": context_window, "weight": weight, "rpm": rpm,
-             "tpm": tpm, "timeout": timeout, "max_tokens_param": max_tokens_param}
+             "tpm": tpm, "timeout": timeout, "max_tokens_param": max_tokens_param, "max_parallel": max_parallel}
     values: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if values.get("max_tokens_param") == "default":
         values["max_tokens_param"] = None
+    if values.get("max_parallel") == 0:  # back to the type's default
+        values["max_parallel"] = None
     return values
 
 
@@ -145,6 +180,9 @@ STRATEGY_OPT = typer.Option(None, help="The group's strategy: cost-latency (defa
                             "latency, cost, round-robin, random.")
 MAX_TOKENS_OPT = typer.Option(None, help="The field its upstream reads the output-token limit from: max_tokens, "
                               "max_completion_tokens, or default (the provider's).")
+MAX_PARALLEL_OPT = typer.Option(None, min=0, help="Requests it serves at once before queueing them (a local server's "
+                                "batch, vLLM's --max-num-seqs; 0: the default, 1 for local, llm-d and huggingface, "
+                                "unlimited for hosted APIs). Routing counts a queue only beyond it.")
 
 
 @app.command("add-model")
@@ -166,12 +204,13 @@ def add_model(
     disabled: bool = typer.Option(False, "--disabled", help="Add it disabled (no traffic until --enable)."),
     strategy: str | None = STRATEGY_OPT,
     max_tokens_param: str | None = MAX_TOKENS_OPT,
+    max_parallel: int | None = MAX_PARALLEL_OPT,
 ) -> None:
     """Add a model, or another deployment of it: the same NAME with a different type, endpoint or
     upstream model serves the same group."""
     values = {"type": type, "endpoint": endpoint, "kind": kind, "enabled": not disabled,
               **deployment_options(deployment, upstream_model, key_env, input_price, output_price, context_window,
-                                   weight, rpm, tpm, timeout, max_tokens_param)}
+                                   weight, rpm, tpm, timeout, max_tokens_param, max_parallel)}
     with registry(settings()) as (reg, conn):
         entry = reg.add_deployment(conn, name, values, strategy)
         count = len(reg.load_deployments(conn, entry.group))
@@ -203,6 +242,7 @@ def update_model(
     enable: bool | None = typer.Option(None, "--enable/--disable", help="Let the deployment take traffic or not."),
     strategy: str | None = STRATEGY_OPT,
     max_tokens_param: str | None = MAX_TOKENS_OPT,
+    max_parallel: int | None = MAX_PARALLEL_OPT,
 ) -> None:
     """Change a model group (--strategy; --rpm/--tpm without --deployment) or one deployment, in place."""
     group_changes: dict[str, Any] = {"strategy": strategy} if strategy is not None else {}
@@ -210,7 +250,7 @@ def update_model(
         group_changes.update({k: v for k, v in (("rpm", rpm), ("tpm", tpm)) if v is not None})
         rpm = tpm = None
     changes = deployment_options(rename, upstream_model, key_env, input_price, output_price, context_window,
-                                 weight, rpm, tpm, timeout, max_tokens_param)
+                                 weight, rpm, tpm, timeout, max_tokens_param, max_parallel)
     changes.update({k: v for k, v in (("type", type), ("endpoint", endpoint), ("kind", kind), ("enabled", enable))
                     if v is not None})
     if not group_changes and not changes:
@@ -416,9 +456,11 @@ def list_models() -> None:
                          _price(d.input_price, default.input if default else None),
                          _price(d.output_price, default.output if default else None),
                          (f"{context}" + ("" if d.context_window else " (default)")) if context else "unknown",
-                         f"{d.weight:g}", _limits(d.rpm, d.tpm) or "-", "yes" if d.enabled else "no",
+                         f"{d.weight:g}", "; ".join(x for x in (_limits(d.rpm, d.tpm),
+                                                                 d.max_parallel and f"{d.max_parallel} at once") if x)
+                         or "-", "yes" if d.enabled else "no",
                          _when(d.updated_at)))
-    show(f"models in {s.sqlite_db_path} (prices: USD per million tokens)",
+    show(f"models in {reg.location} (prices: USD per million tokens)",
          ("name", "deployment", "type", "kind", "endpoint", "upstream model", "input $", "output $", "context",
           "weight", "limits", "enabled", "updated"), rows)
     if snap.agents:
@@ -537,6 +579,7 @@ class Listing:
     auth: Callable[[str, Settings], dict[str, str]]
     page: Callable[[dict[str, Any]], tuple[list[str], dict[str, str] | None]]  # ids, next page's query
     key_required: bool = True
+    kind: str = "api"
 
 
 def _openai_page(data: dict[str, Any]) -> tuple[list[str], dict[str, str] | None]:
@@ -566,11 +609,15 @@ LISTINGS = {
     "openrouter": Listing("openrouter", "OPENROUTER_BASE_URL", "EXTERNAL_OPENROUTER_KEY", "/v1/models",
                           lambda key, s: {"Authorization": f"Bearer {key}"} if key else {}, _openai_page,
                           key_required=False),
+    # the llm-d inference gateway (OpenAI-compatible; a key only when the gateway requires one)
+    "llm-d": Listing("llm-d", "LLMD_ENDPOINT", "LLMD_API_KEY", "/v1/models",
+                     lambda key, s: {"Authorization": f"Bearer {key}"} if key else {}, _openai_page,
+                     key_required=False, kind="weight"),
 }
 
 
 def refresh(listing: Listing) -> None:
-    """Upsert every model the provider lists as type `listing.type`, kind api: all or nothing."""
+    """Upsert every model the provider lists as type `listing.type`, kind `listing.kind`: all or nothing."""
     from router.providers.base import normalize_base_url
 
     s = settings()
@@ -578,6 +625,8 @@ def refresh(listing: Listing) -> None:
     if secret is None and listing.key_required:
         fail(f"{listing.key_var} is not set")
     base = getattr(s, listing.url_var.lower())
+    if base is None:
+        fail(f"{listing.url_var} is not set")
     try:
         validate_url(base, listing.url_var)
     except RegistryError as exc:
@@ -598,7 +647,7 @@ def refresh(listing: Listing) -> None:
             break
         url = normalize_base_url(base) + listing.path.split("?", 1)[0] + "?" + urllib.parse.urlencode(next_query)
     with registry(s) as (reg, conn):
-        changes = reg.sync_models(conn, listing.type, base, "api", names)
+        changes = reg.sync_models(conn, listing.type, base, listing.kind, names)
     report(changes)
 
 
@@ -624,6 +673,12 @@ def refresh_google() -> None:
 def refresh_openrouter() -> None:
     """Upsert the models listed by {OPENROUTER_BASE_URL}/v1/models as type openrouter."""
     refresh(LISTINGS["openrouter"])
+
+
+@app.command("refresh-llmd")
+def refresh_llmd() -> None:
+    """Upsert the models the llm-d gateway at {LLMD_ENDPOINT} lists (/v1/models) as type llm-d, kind weight."""
+    refresh(LISTINGS["llm-d"])
 
 
 def fetch_json(url: str, headers: dict[str, str], scrub: Scrubber, timeout: float = 15.0) -> Any:

@@ -36,6 +36,19 @@ class Settings(BaseSettings):
     # proxies whose X-Forwarded-For is believed (comma-separated IPs/CIDRs, or *); unset: the socket's address
     router_trusted_proxies: str | None = None
 
+    # Postgres registry (several replicas share one): postgresql://user:password@host:5432/db; unset: the
+    # SQLite file SQLITE_DB_PATH. A SecretStr: the URL may carry a password.
+    database_url: SecretStr | None = None
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _postgres_url(cls, v: object) -> object:
+        if isinstance(v, str) and not v.strip():
+            return None
+        if isinstance(v, str) and not v.strip().startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (unset it to use SQLITE_DB_PATH)")
+        return v.strip() if isinstance(v, str) else v
+
     # Registry and agents
     sqlite_db_path: str = "data/models.db"
     registry_poll_interval: float = Field(1.0, gt=0, le=60)
@@ -95,6 +108,12 @@ class Settings(BaseSettings):
     request_body_timeout: float = Field(30.0, gt=0)  # [edge] seconds to receive a whole request body
     request_header_timeout: float = Field(10.0, gt=0)  # [edge] seconds to receive a request's headers
     router_max_connections: int = Field(4096, ge=1)  # [edge] concurrent connections per worker; beyond: 503
+
+    # [shutdown] on SIGTERM /ready answers 503 at once; connections are still accepted for SHUTDOWN_DELAY
+    # seconds (a load balancer sees the 503 first), then the listener closes and in-flight requests and streams
+    # get SHUTDOWN_GRACE_PERIOD seconds to finish before what is left is cut (router/shutdown.py)
+    shutdown_delay: float = Field(5.0, ge=0, le=600)
+    shutdown_grace_period: float = Field(30.0, ge=0, le=3600)
 
     # Client keys
     router_master_key: SecretStr | None = None

@@ -2,14 +2,20 @@
 in-memory registry snapshot, route table, per-deployment statistics (shared
 through Redis when configured) and dispatcher, agents, metrics.
 
-The snapshot is reloaded from SQLite when the database changes (checked every
-`REGISTRY_POLL_INTERVAL` seconds with `PRAGMA data_version`, in a worker
-thread), so CLI edits and other workers' writes show up within seconds while
-requests only ever read memory. The process uses one connection, so its own
-writes (registrations, heartbeats) do not trigger a reload; a reload whose
-models did not change only applies the agents that did. The same poll notices
-the database file deleted or replaced and reopens the path. A second task
-deletes agents dead for `AGENT_RETENTION` seconds.
+The snapshot is reloaded when the registry changes, in a worker thread, so
+CLI edits and other workers' or replicas' writes show up within seconds while
+requests only ever read memory. SQLite: checked every `REGISTRY_POLL_INTERVAL`
+seconds with `PRAGMA data_version`; the process uses one connection, so its
+own writes (registrations, heartbeats) do not trigger a reload; the same poll
+notices the database file deleted or replaced and reopens the path. Postgres:
+a LISTEN connection wakes the process on another connection's configuration
+change, and the change counters are compared every interval; a change of
+agents only reads the agents; the database unreachable, requests go on from
+the snapshot, writes answer 503 and both connections are reopened with
+backoff, then everything is reloaded. A reload whose models did not change
+only applies the agents that did. `readiness` answers /ready from when the
+registry was last read. A second task deletes agents dead for
+`AGENT_RETENTION` seconds.
 """
 
 from __future__ import annotations
@@ -19,9 +25,8 @@ import contextlib
 import dataclasses
 import logging
 import os
-import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import TypeVar
 
 from router.agent_policy import AgentPolicy, Credential
@@ -34,7 +39,9 @@ from router.observability import Metrics
 from router.ratelimit import LocalLimiter, RateLimiter
 from router.liveness import Liveness
 from router.redis_link import RedisLink, RedisUnavailable
-from router.registry import AgentEntry, AgentNameTaken, RegistryStore, Snapshot
+from router.registry import (AgentEntry, AgentNameTaken, Connection, RegistryUnavailable, Snapshot, SqliteStore,
+                             open_store)
+from router.registry.store import ChangeListener
 from router.routing import RouteTable
 from router.routing.dispatch import Dispatcher
 from router.routing.stats import StatsRegistry
@@ -44,6 +51,8 @@ from router.weights import WeightStore
 log = logging.getLogger("router.state")
 T = TypeVar("T")
 WRITE_BUSY_TIMEOUT = 1.5  # seconds a registry write waits for another writer's lock before answering 503
+RECONNECT_BACKOFF = (0.5, 5.0)  # seconds between tries to reach a lost Postgres registry: first, most
+READY_STALE_AFTER = 5.0  # /ready fails when the registry was last read longer ago (3 poll intervals, if longer)
 
 
 def secrets_of(settings: Settings) -> list[str]:
@@ -60,7 +69,7 @@ class RouterState:
         self.settings = settings
         self.scrub = Scrubber(secrets_of(settings))
         self.http = UpstreamClient.from_settings(settings, self.scrub)
-        self.store = RegistryStore(settings.sqlite_db_path)
+        self.store = open_store(settings)
         self.agents = AgentDirectory(settings.agent_ttl)
         self.metrics = Metrics()
         self.weights = WeightStore(settings, self.metrics)
@@ -78,21 +87,26 @@ class RouterState:
                    else MemoryBackend(settings.cache_max_entries, settings.cache_max_bytes, self.metrics))
         self.cache = ResponseCache(settings.cache_mode, settings.cache_ttl, backend, self.metrics)
         self.snapshot = Snapshot()  # what routing was last built from (keys and tokens are applied apart)
-        self._conn: sqlite3.Connection | None = None  # reads and writes: our own commits never look like news
-        self._file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the file the connection opened
+        self._conn: Connection | None = None  # reads and writes: our own commits never look like news
+        self._file_id: tuple[int, int] | None = None  # SQLite: (st_dev, st_ino) of the file the connection opened
+        self._listener: ChangeListener | None = self.store.listener()  # Postgres: LISTEN
         self._db_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
-        self._data_version = -1
+        self._data_version: Hashable = -1
+        self.registry_read_at = 0.0  # time.monotonic() of the last successful read of the registry (/ready)
 
     async def start(self) -> None:
         await self.http.start()
+        if self._listener is not None:
+            await asyncio.to_thread(self._listener.open)  # LISTEN before loading: no change falls in between
         await self._open()
         await self.reload(full=True)
         await self.stats.start(self.redis)
         with contextlib.suppress(RedisUnavailable):
             await self.liveness.sync()  # the agents' liveness before the first request
         log.info("%s", self.agent_policy.describe())
-        self._tasks = [asyncio.create_task(self._poll(), name="registry-poll"),
+        watch = self._poll() if self._listener is None else self._listen(self._listener)
+        self._tasks = [asyncio.create_task(watch, name="registry-watch"),
                        asyncio.create_task(self._purge_dead_agents(), name="agent-retention"),
                        asyncio.create_task(self.liveness.run(), name="agent-liveness")]
 
@@ -110,11 +124,26 @@ class RouterState:
             await self.redis.close()
         if self._conn is not None:
             self._conn.close()
+        if self._listener is not None:
+            self._listener.close()
+
+    def readiness(self) -> str | None:
+        """Why this process should not take traffic now (None: ready), from state kept by the registry watch
+        and the Redis link: nothing is asked of either here."""
+        stale_after = max(READY_STALE_AFTER, 3 * self.settings.registry_poll_interval)
+        age = time.monotonic() - self.registry_read_at
+        if age > stale_after:
+            return f"registry {self.store.location} not readable for {age:.0f}s"
+        if self.redis is not None and self.redis.down:
+            return "redis unavailable"
+        return None
 
     # -- database access (never on the chat path) ----------------------------------
 
-    def _connect(self) -> tuple[sqlite3.Connection, tuple[int, int]]:
+    def _connect(self) -> tuple[Connection, tuple[int, int] | None]:
         conn = self.store.connect(busy_timeout=WRITE_BUSY_TIMEOUT)
+        if not isinstance(self.store, SqliteStore):
+            return conn, None
         st = os.stat(self.store.path)
         return conn, (st.st_dev, st.st_ino)
 
@@ -125,17 +154,17 @@ class RouterState:
                 self._conn = None
             self._conn, self._file_id = await asyncio.to_thread(self._connect)
 
-    def _file_moved(self) -> bool:
+    def _file_moved(self, path: str) -> bool:
         """The path no longer names the file we opened (deleted, or replaced)."""
         try:
-            st = os.stat(self.store.path)
+            st = os.stat(path)
         except FileNotFoundError:
             return True
         return (st.st_dev, st.st_ino) != self._file_id
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connection(self) -> Connection:
         if self._conn is None:
-            raise sqlite3.OperationalError(f"registry {self.store.path} is not open")
+            raise RegistryUnavailable(f"registry {self.store.location} is not open")
         return self._conn
 
     async def read(self, fn: Callable[..., T], *args: object) -> T:
@@ -147,18 +176,28 @@ class RouterState:
         try:
             async with self._db_lock:
                 return await asyncio.to_thread(fn, self._connection(), *args)
-        except sqlite3.OperationalError as exc:
-            busy = "locked" in str(exc) or "busy" in str(exc)
+        except self.store.unavailable_errors as exc:
+            busy = self.store.is_busy(exc)
             log.warning("registry write failed: %s", exc)
             raise RouterError(503, "The registry is locked by another writer; retry shortly." if busy
                               else "The registry is unavailable; retry shortly.",
                               code="registry_busy" if busy else "registry_unavailable",
                               headers={"Retry-After": "1" if busy else "5"}) from None
 
-    async def reload(self, full: bool = False) -> None:
+    async def reload(self, full: bool = False, agents_only: bool = False) -> None:
         """Load the snapshot; rebuild routes if groups, deployments or aliases changed, else apply only the
-        agents that did."""
-        def load(conn: sqlite3.Connection) -> tuple[int, Snapshot]:
+        agents that did (`agents_only`: the version says nothing else changed, so only agents are read)."""
+        if agents_only and not full:
+            def load_agents(conn: Connection) -> tuple[Hashable, list[AgentEntry]]:
+                return self.store.data_version(conn), self.store.load_agents(conn)
+
+            self._data_version, agents = await self.read(load_agents)
+            self._apply_agents(agents)
+            self.snapshot = dataclasses.replace(self.snapshot, agents=agents)
+            self.registry_read_at = time.monotonic()
+            return
+
+        def load(conn: Connection) -> tuple[Hashable, Snapshot]:
             return self.store.data_version(conn), self.store.load(conn)
 
         self._data_version, snapshot = await self.read(load)
@@ -175,6 +214,7 @@ class RouterState:
         else:
             self._apply_agents(snapshot.agents)
         self.snapshot = snapshot
+        self.registry_read_at = time.monotonic()
         log.debug("registry snapshot: %d groups, %d deployments, %d agents", len(snapshot.groups),
                   len(snapshot.deployments), len(snapshot.agents))
 
@@ -199,29 +239,65 @@ class RouterState:
             self._agent_routes(name, old.models, ())
 
     async def _poll(self) -> None:
+        """SQLite: compare `PRAGMA data_version` every interval; reopen a file deleted or replaced."""
+        assert isinstance(self.store, SqliteStore)
+        path = self.store.path
         interval = self.settings.registry_poll_interval
         failing = False
         while True:
             await asyncio.sleep(interval)
             try:
-                if self._conn is None or await asyncio.to_thread(self._file_moved):
+                if self._conn is None or await asyncio.to_thread(self._file_moved, path):
                     if self._conn is not None:
-                        log.warning("registry file %s was deleted or replaced; reopening it", self.store.path)
+                        log.warning("registry file %s was deleted or replaced; reopening it", path)
                     await self._open()
                     await self.reload(full=True)
                 else:
                     version = await self.read(self.store.data_version)
                     if version != self._data_version:
                         await self.reload()
+                    self.registry_read_at = time.monotonic()
                 if failing:
                     log.info("registry readable again")
                 failing = False
-            except (sqlite3.Error, OSError) as exc:
+            except self.store.database_errors + (OSError,) as exc:
                 if not failing:
-                    log.error("registry %s unavailable: %s", self.store.path, exc)
+                    log.error("registry %s unavailable: %s", path, exc)
                 failing = True
             except Exception:  # a bug must not stop the poll: say so and keep polling
                 log.exception("registry poll failed")
+
+    async def _listen(self, listener: ChangeListener) -> None:
+        """Postgres: wait for another connection's NOTIFY (or the poll interval), then compare the change
+        counters; on a failure, reopen the listener and the connection with backoff and reload everything.
+        Meanwhile requests are served from the snapshot and writes answer 503."""
+        interval = self.settings.registry_poll_interval
+        backoff = RECONNECT_BACKOFF[0]
+        connected, failing = True, False
+        while True:
+            try:
+                if not connected:
+                    await asyncio.to_thread(listener.open)
+                    await self._open()
+                    await self.reload(full=True)
+                    connected = True
+                    log.warning("registry %s reachable again; snapshot reloaded", self.store.location)
+                version = await asyncio.to_thread(listener.wait, interval, self._conn)
+                if version != self._data_version:
+                    await self.reload(agents_only=self.store.agents_only(self._data_version, version))
+                self.registry_read_at = time.monotonic()
+                backoff, failing = RECONNECT_BACKOFF[0], False
+            except self.store.database_errors + (OSError,) as exc:
+                if not failing:
+                    log.error("registry %s unavailable (%s); serving from the last snapshot, reconnecting",
+                              self.store.location, " ".join(str(exc).split()))
+                connected, failing = False, True
+                await asyncio.to_thread(listener.close)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, RECONNECT_BACKOFF[1])
+            except Exception:  # a bug must not stop the watch: say so and go on
+                log.exception("registry watch failed")
+                await asyncio.sleep(interval)
 
     async def _purge_dead_agents(self) -> None:
         """Every so often, delete agents that have been dead for AGENT_RETENTION seconds (database and memory).

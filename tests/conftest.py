@@ -14,6 +14,7 @@ from tests.support.processes import RouterProcess
 if TYPE_CHECKING:
     from tests.support.anthropic_stub import AnthropicStub
     from tests.support.gemini_stub import GeminiStub
+    from tests.support.postgres_server import PostgresServer
     from tests.support.redis_server import RedisServer
 
 UPSTREAM_KEY = "sk-test-upstream-0123456789abcdef"
@@ -115,6 +116,34 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the session (Debian's binaries, run as the `postgres` user)."""
+    from tests.support.postgres_server import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture()
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A fresh database of this test's own."""
+    return postgres_server.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def registry_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs the test once per registry backend: the CLI and routers it starts use SQLite (the work folder's
+    file), or a fresh Postgres database (DATABASE_URL); tests.support.registry_db reads the same one."""
+    from tests.support import processes
+
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_url")
+        monkeypatch.setitem(processes.TEST_ENV, "DATABASE_URL", url)
+    return str(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,15 @@
 """`router apply FILE` and `router export`: the registry made to match a file, idempotent, with a diff,
-in one transaction, --dry-run writing nothing; export -> apply to an empty registry -> export round trips."""
+in one transaction, --dry-run writing nothing; export -> apply to an empty registry -> export round trips.
+On SQLite and on Postgres (`registry_backend`)."""
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
 
 from tests.support.processes import run_cli
-from tests.test_registry_cli import db_digest
+from tests.support.registry_db import db_digest, execute
 
 FILE = """\
 models:
@@ -52,6 +52,7 @@ def apply(workdir: Path, text: str, *flags: str, env: dict[str, str] | None = EN
     return run_cli(workdir, "apply", str(path), *flags, env=env)
 
 
+@pytest.mark.usefixtures("registry_backend")
 def test_apply_is_idempotent_and_export_round_trips(tmp_path: Path) -> None:
     r = apply(tmp_path, FILE, "--dry-run")
     assert r.returncode == 0 and "+ deployment gpt-4o/openai-main" in r.stdout and "dry run" in r.stdout
@@ -77,6 +78,7 @@ def test_apply_is_idempotent_and_export_round_trips(tmp_path: Path) -> None:
     assert "no changes" in apply(tmp_path, exported).stdout
 
 
+@pytest.mark.usefixtures("registry_backend")
 def test_changes_are_shown_per_field_and_removals_applied(tmp_path: Path) -> None:
     assert apply(tmp_path, FILE).returncode == 0
     assert run_cli(tmp_path, "add-model", "extra", "local", "http://127.0.0.1:7", "weight").returncode == 0
@@ -95,20 +97,17 @@ def test_changes_are_shown_per_field_and_removals_applied(tmp_path: Path) -> Non
     assert "extra" not in exported and "gpt-4-omni" not in exported and "input_price: 3.0" in exported
 
 
+@pytest.mark.usefixtures("registry_backend")
 def test_agents_are_not_part_of_the_file(tmp_path: Path) -> None:
     assert apply(tmp_path, FILE).returncode == 0
-    conn = sqlite3.connect(tmp_path / "data" / "models.db")
-    conn.execute("INSERT INTO agents (name, endpoint, models, registered_at, last_heartbeat) "
-                 "VALUES ('gpu', 'http://127.0.0.1:9', '[\"llama\"]', 1, 1)")
-    conn.commit()
-    conn.close()
+    execute(tmp_path, "INSERT INTO agents (name, endpoint, models, registered_at, last_heartbeat) "
+            "VALUES ('gpu', 'http://127.0.0.1:9', '[\"llama\"]', 1, 1)")
     assert "gpu" not in run_cli(tmp_path, "export").stdout
     assert apply(tmp_path, "models: {}\n").returncode == 0
-    conn = sqlite3.connect(tmp_path / "data" / "models.db")
-    assert conn.execute("SELECT name FROM agents").fetchall() == [("gpu",)]
-    conn.close()
+    assert execute(tmp_path, "SELECT name FROM agents") == [("gpu",)]
 
 
+@pytest.mark.usefixtures("registry_backend")
 @pytest.mark.parametrize("text, fragment", [
     (FILE.replace("strategy: cost-latency", "strategy: fastest"), "unknown strategy 'fastest'"),
     (FILE.replace("input_price: 2.5", "input_price: -2.5"), "input price must be at least 0"),
@@ -133,6 +132,7 @@ def test_bad_files_are_one_line_and_change_nothing(tmp_path: Path, text: str, fr
     assert db_digest(tmp_path) == before
 
 
+@pytest.mark.usefixtures("registry_backend")
 def test_a_missing_key_variable_fails_the_whole_file(tmp_path: Path) -> None:
     r = apply(tmp_path, FILE, env={})
     assert r.returncode != 0 and "APPLY_TEST_KEY" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -1,6 +1,7 @@
 """Model groups and their deployments through the CLI: several deployments per name, options, in-place
 updates, aliases, prices in list-models, bad input refused in one line with the database unchanged, and
-a database from before groups migrated."""
+a database from before groups migrated.
+On SQLite and on Postgres (`registry_backend`)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,11 @@ import pytest
 
 from tests.support.openai_stub import OpenAIStub
 from tests.support.processes import run_cli
-from tests.test_registry_cli import db_digest
+from tests.support.registry_db import db_digest, rows, stored_text
 
 OPENAI = "https://api.openai.com"
 
 
-def rows(workdir: Path, sql: str) -> list[tuple[object, ...]]:
-    conn = sqlite3.connect(workdir / "data" / "models.db")
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
 
 
 def ok(workdir: Path, *args: str, env: dict[str, str] | None = None) -> str:
@@ -30,6 +25,7 @@ def ok(workdir: Path, *args: str, env: dict[str, str] | None = None) -> str:
     return r.stdout
 
 
+@pytest.mark.usefixtures("registry_backend")
 def test_same_name_other_target_adds_a_deployment(tmp_path: Path) -> None:
     ok(tmp_path, "add-model", "gpt-4o", "openai", OPENAI, "api")
     ok(tmp_path, "add-model", "gpt-4o", "openai", OPENAI, "api", "--upstream-model", "gpt-4o-2024-08-06")
@@ -44,8 +40,7 @@ def test_same_name_other_target_adds_a_deployment(tmp_path: Path) -> None:
     assert rows(tmp_path, "SELECT key_env, input_price, output_price, context_window, weight, rpm, tpm, timeout, "
                 "enabled, max_tokens_param FROM deployments WHERE name = 'or'") == [
         ("OR_KEY_2", 3.0, 12.0, 64000, 2.0, 10, 1000, 30.0, 0, "max_tokens")]
-    db = (tmp_path / "data" / "models.db").read_bytes()
-    assert b"sk-or-secret-value" not in db  # only the variable's name is stored
+    assert "sk-or-secret-value" not in stored_text(tmp_path)  # only the variable's name is stored
     # the exact same deployment twice is an error (the upstream name defaulting to the group's included)
     before = db_digest(tmp_path)
     for extra in ((), ("--upstream-model", "gpt-4o")):
@@ -54,6 +49,7 @@ def test_same_name_other_target_adds_a_deployment(tmp_path: Path) -> None:
     assert db_digest(tmp_path) == before
 
 
+@pytest.mark.usefixtures("registry_backend")
 @pytest.mark.parametrize("args, fragment", [
     (("m", "nosuchtype", "http://x:1", "api"), "unknown type"),
     (("m", "openai", OPENAI, "weight"), "contradicts type"),
@@ -83,6 +79,7 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path: Path, args: tuple[s
     assert db_digest(tmp_path) == before
 
 
+@pytest.mark.usefixtures("registry_backend")
 def test_update_in_place_group_and_deployment_options(tmp_path: Path) -> None:
     ok(tmp_path, "add-model", "m", "openai", OPENAI, "api")
     (created, id_), = rows(tmp_path, "SELECT created_at, id FROM deployments")
@@ -115,6 +112,7 @@ def test_update_in_place_group_and_deployment_options(tmp_path: Path) -> None:
     assert rows(tmp_path, "SELECT DISTINCT max_tokens_param FROM deployments") == [("max_tokens",)]
 
 
+@pytest.mark.usefixtures("registry_backend")
 def test_remove_deployment_group_and_aliases(tmp_path: Path) -> None:
     ok(tmp_path, "add-model", "m", "local", "http://127.0.0.1:1", "weight")
     ok(tmp_path, "add-model", "m", "local", "http://127.0.0.1:2", "weight", "--name", "two")
@@ -135,6 +133,7 @@ def test_remove_deployment_group_and_aliases(tmp_path: Path) -> None:
     assert rows(tmp_path, "SELECT count(*) FROM aliases") == [(0,)]
 
 
+@pytest.mark.usefixtures("registry_backend")
 def test_list_models_shows_prices_explicit_default_or_unknown(tmp_path: Path) -> None:
     ok(tmp_path, "add-model", "gpt-4o", "openai", OPENAI, "api")
     ok(tmp_path, "add-model", "gpt-4o", "local", "http://127.0.0.1:1", "weight", "--input-price", "0.5")

@@ -44,8 +44,10 @@ def test_health_and_ready(start_router, tmp_path: Path) -> None:
         for suffix in ("-wal", "-shm"):
             Path(str(db) + suffix).unlink(missing_ok=True)
         db.write_bytes(b"this is not a database" * 100)
+        # /ready reads no database itself: it answers from the registry poll, which fails from now on
+        assert wait_for(lambda: http.get("/ready").status_code == 503, 15)
         resp = http.get("/ready")
-        assert resp.status_code == 503 and resp.json()["error"]["code"] == "not_ready"
+        assert resp.json()["error"]["code"] == "not_ready" and "registry" in resp.json()["error"]["message"]
         assert http.get("/health").status_code == 200
         assert http.post("/v1/chat/completions", json={"model": "dummy", "messages": [
             {"role": "user", "content": "x"}]}).status_code == 200

@@ -1,8 +1,8 @@
-"""The registry CLI, run as a user runs it, and a running router seeing its changes."""
+"""The registry CLI, run as a user runs it, and a running router seeing its changes (on SQLite and on Postgres:
+`registry_backend`)."""
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from pathlib import Path
 
@@ -11,17 +11,12 @@ import pytest
 from tests.conftest import UPSTREAM_KEY
 from tests.support.openai_stub import OpenAIStub, wait_for
 from tests.support.processes import free_port, run_cli
+from tests.support.registry_db import db_digest
 
 
-def db_digest(workdir: Path) -> str:
-    """Every row of the model tables (groups, deployments, aliases), timestamps included."""
-    conn = sqlite3.connect(workdir / "data" / "models.db")
-    rows = [conn.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
-            for table in ("model_groups", "deployments", "aliases")]
-    conn.close()
-    return hashlib.sha256(repr(rows).encode()).hexdigest()
 
 
+@pytest.mark.usefixtures("registry_backend")
 def test_add_list_remove(tmp_path: Path) -> None:
     r = run_cli(tmp_path, "add-model", "local_mistral", "local", "http://localhost:5000", "weight")
     assert r.returncode == 0, r.stderr
@@ -51,6 +46,7 @@ def test_database_folder_is_created_and_schema_versioned(tmp_path: Path) -> None
     assert {"name", "endpoint", "models", "registered_at", "last_heartbeat"} <= cols
 
 
+@pytest.mark.usefixtures("registry_backend")
 @pytest.mark.parametrize("args, fragment", [
     (("m1", "nosuchtype", "http://x:1", "api"), "unknown type"),
     (("m1", "openai", "http://x:1", "remote"), "kind must be"),
@@ -70,11 +66,13 @@ def test_bad_input_exits_nonzero_with_one_line_and_leaves_db_unchanged(tmp_path:
     assert db_digest(tmp_path) == before
 
 
+@pytest.mark.usefixtures("registry_backend")
 def test_remove_unknown_model_fails(tmp_path: Path) -> None:
     r = run_cli(tmp_path, "remove-model", "ghost")
     assert r.returncode != 0 and "ghost" in r.stderr
 
 
+@pytest.mark.usefixtures("registry_backend")
 def test_refresh_openai_upserts_and_reports(tmp_path: Path) -> None:
     stub = OpenAIStub(name="refresh", key=UPSTREAM_KEY, model_ids=["gpt-4o", "gpt-4o-mini"]).start()
     env = {"OPENAI_BASE_URL": stub.url, "EXTERNAL_OPENAI_KEY": UPSTREAM_KEY}
@@ -94,6 +92,7 @@ def test_refresh_openai_upserts_and_reports(tmp_path: Path) -> None:
         stub.stop()
 
 
+@pytest.mark.usefixtures("registry_backend")
 @pytest.mark.parametrize("case", ["unreachable", "bad-key", "no-key"])
 def test_refresh_openai_failures_leave_db_unchanged(tmp_path: Path, case: str) -> None:
     stub = OpenAIStub(name="refresh", key=UPSTREAM_KEY).start()
@@ -116,6 +115,7 @@ def test_refresh_openai_failures_leave_db_unchanged(tmp_path: Path, case: str) -
         stub.stop()
 
 
+@pytest.mark.usefixtures("registry_backend")
 def test_running_router_sees_cli_changes_without_restart(start_router, openai_stub: OpenAIStub) -> None:
     vllm = OpenAIStub(name="hot").start()
     try:
@@ -134,6 +134,7 @@ def test_running_router_sees_cli_changes_without_restart(start_router, openai_st
         vllm.stop()
 
 
+@pytest.mark.usefixtures("registry_backend")
 def test_refresh_anthropic_google_openrouter(tmp_path: Path) -> None:
     from tests.conftest import ANTHROPIC_KEY, GOOGLE_KEY
     from tests.support.anthropic_stub import AnthropicStub

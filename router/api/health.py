@@ -1,10 +1,9 @@
-"""Liveness (`/health`), readiness (`/ready`: the registry is readable; `models`
-counts what is served: model groups and aliases, the built-in `dummy`, live
-agents' models) and `/metrics`."""
+"""Liveness (`/health`), readiness (`/ready`: the registry was read lately and
+Redis, when configured, answers, as the registry watch and the Redis link last
+saw; `models` counts what is served: model groups and aliases, the built-in
+`dummy`, live agents' models) and `/metrics`."""
 
 from __future__ import annotations
-
-import sqlite3
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -21,11 +20,12 @@ async def health(request: Request) -> Response:
 
 
 async def ready(request: Request) -> Response:
+    if request.app.state.shutdown.draining:  # SIGTERM came (router.shutdown): off the load balancer
+        raise RouterError(503, "not ready: shutting down", code="shutting_down")
     state: RouterState = request.app.state.router
-    try:
-        await state.read(lambda conn: conn.execute("SELECT count(*) FROM model_groups").fetchone())
-    except (sqlite3.Error, OSError) as exc:
-        raise RouterError(503, f"registry not readable: {exc.__class__.__name__}", code="not_ready") from None
+    reason = state.readiness()  # from what the registry watch and the Redis link keep: no I/O per call
+    if reason is not None:
+        raise RouterError(503, f"not ready: {reason}", code="not_ready")
     return Response(orjson.dumps({"status": "ready", "models": len(catalogue(state))}),
                     media_type="application/json")
 

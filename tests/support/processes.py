@@ -22,7 +22,10 @@ import yaml
 # developer's shell never leaks into a test.
 CONFIG_PREFIXES = ("ROUTER_", "SQLITE_", "REGISTRY_", "AGENT_", "LOCAL_AGENT", "OPENAI_", "EXTERNAL_", "LLMD_",
                    "ANTHROPIC_", "GOOGLE_", "OPENROUTER_", "GROK_", "VENICE_", "HF_", "HUGGING_FACE", "UPSTREAM_",
-                   "MAX_BODY", "REDIS_", "CACHE_", "RATE_LIMIT", "LOG_", "PROMETHEUS_")
+                   "MAX_BODY", "REDIS_", "CACHE_", "RATE_LIMIT", "LOG_", "PROMETHEUS_", "DATABASE_URL",
+                   "SHUTDOWN_")
+# Settings every child process of the running test gets (the `registry_backend` fixture puts DATABASE_URL here)
+TEST_ENV: dict[str, str] = {}
 
 
 def free_port() -> int:
@@ -34,7 +37,9 @@ def free_port() -> int:
 def clean_env(workdir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(CONFIG_PREFIXES)}
     env.update({"SQLITE_DB_PATH": str(workdir / "data" / "models.db"), "LOG_DIR": str(workdir / "logs"),
-                "REGISTRY_POLL_INTERVAL": "0.2", "PYTHONUNBUFFERED": "1"})  # rate limits: off unless a test sets them
+                "REGISTRY_POLL_INTERVAL": "0.2", "PYTHONUNBUFFERED": "1",  # rate limits: off unless a test sets them
+                "SHUTDOWN_DELAY": "0"})  # a stopped router closes its listener at once (test_shutdown.py sets it)
+    env.update(TEST_ENV)
     env.update(extra or {})
     return env
 

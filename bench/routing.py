@@ -285,8 +285,11 @@ class Processes:
 
 def models_file(scenario: Scenario, ports: dict[str, int], strategy: str) -> dict[str, Any]:
     """The registry, as `router apply` reads it."""
+    # a server that queues declares how many it serves at once (`max_parallel`, vLLM's --max-num-seqs), as its
+    # operator would; hosted ones declare nothing (unlimited)
     deployments = [{"name": d.name, "type": d.type, "endpoint": f"http://127.0.0.1:{ports[d.name]}",
                     "upstream_model": d.model, "input_price": d.input_price, "output_price": d.output_price}
+                   | ({"max_parallel": d.concurrency} if d.concurrency else {})
                    for d in scenario.deployments]
     return {"models": {scenario.group: {"strategy": strategy, "deployments": deployments}}}
 
@@ -501,6 +504,8 @@ async def main_async(args: argparse.Namespace) -> int:
         for scenario in scenarios(args.quick, args.time_scale):
             if args.only and scenario.name not in args.only:
                 continue
+            if args.strategies:
+                scenario = replace(scenario, strategies=tuple(x for x in scenario.strategies if x in args.strategies))
             rows = await run_scenario(scenario, work, procs)
             print(describe(scenario), "", table(scenario, rows), "", sep="\n", flush=True)
             results[scenario.name] = [{k: v for k, v in asdict(r).items() if k != "outcomes"}
@@ -534,6 +539,8 @@ def main() -> None:
                         help="multiply every latency (and divide arrival rates) by this")
     parser.add_argument("--only", nargs="*", choices=("mixed", "ttft", "threshold"), help="run only these")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--strategies", nargs="*", choices=STRATEGIES,
+                        help="run only these strategies (the targets need cost-latency and round-robin)")
     sys.exit(uvloop.run(main_async(parser.parse_args())))
 
 

@@ -12,6 +12,7 @@ and keep their `DeploymentStats` across rebuilds (the stats are looked up by `De
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -49,6 +50,9 @@ class Deployment:
     timeout: float | None = None  # seconds for the whole exchange; None: UPSTREAM_TIMEOUT
     enabled: bool = True
     local: bool = False  # a local deployment (LOCAL_TYPES): the cost threshold's destination
+    #: requests it serves at once before queueing them (a local server's batch); inf: unlimited (a hosted
+    #: API); the registry's `max_parallel`, else 1 for local types and inf for hosted ones
+    max_parallel: float = math.inf
     #: False while it may not take traffic (an agent whose heartbeats lapsed); None: always healthy
     live: Callable[[], bool] | None = field(default=None, repr=False)
 

@@ -30,7 +30,7 @@ from router.providers.base import ChatCall
 from router.routing.deployment import Deployment, ModelGroup, RequestFacts, Strategy
 from router.routing.estimate import output_tokens, prompt_tokens
 from router.routing.stats import DeploymentStats
-from router.routing.strategies import SORTS, build_strategy
+from router.routing.strategies import SORTS, build_strategy, queueing
 from router.upstream import NOT_ANSWERED, SSEResponse, close_source
 
 HEADER_NAME = "x-router-deployment"
@@ -117,11 +117,11 @@ def _matches(d: Deployment, names: tuple[str, ...]) -> bool:
 class _Timed:
     """A stream's body iterator that reports its first chunk as the deployment's time to first token."""
 
-    __slots__ = ("source", "stats", "started", "clock", "waiting")
+    __slots__ = ("source", "stats", "started", "clock", "queueing", "waiting")
 
     def __init__(self, source: AsyncIterator[bytes], stats: DeploymentStats, started: float,
-                 clock: Callable[[], float]) -> None:
-        self.source, self.stats, self.started, self.clock = source, stats, started, clock
+                 clock: Callable[[], float], queueing: float) -> None:
+        self.source, self.stats, self.started, self.clock, self.queueing = source, stats, started, clock, queueing
         self.waiting = True
 
     def __aiter__(self) -> _Timed:
@@ -132,7 +132,7 @@ class _Timed:
         if self.waiting:
             self.waiting = False
             now = self.clock()
-            self.stats.first_byte(now - self.started, now)
+            self.stats.first_byte((now - self.started) / self.queueing, now)
         return chunk
 
     async def aclose(self) -> None:
@@ -242,6 +242,10 @@ class Dispatcher:
     async def _attempt(self, d: Deployment, call: ChatCall, strip: bool) -> Response | SSEResponse:
         sent = _prepare(call, d, strip and d.type != "openrouter")
         stats, clock = d.stats, self.clock
+        # the queue this request joins at a deployment that is full: its timings are scaled back to the
+        # deployment's own speed, which the strategies scale again by the queue then (else a sample taken
+        # in a queue would count the queue twice, and long after it drained)
+        slowdown = queueing(d)
         started = clock()
         stats.begin()
         try:
@@ -250,21 +254,21 @@ class Dispatcher:
             now = clock()
             # the client's own mistakes (4xx but 429) say nothing about the deployment's health
             ok = isinstance(exc, RouterError) and exc.status < 500 and exc.status != 429
-            stats.end(now - started, now, ok, call.stream)
+            stats.end((now - started) / slowdown, now, ok, call.stream)
             raise
         if d.rename is not None:
             response = d.rename.response(response)
         if isinstance(response, SSEResponse):
-            response.body_iterator = _Timed(response.body_iterator, stats, started, clock)
+            response.body_iterator = _Timed(response.body_iterator, stats, started, clock, slowdown)
 
             def ended() -> None:
                 now = clock()
-                stats.end(now - started, now, True, True)
+                stats.end((now - started) / slowdown, now, True, True)
 
             response.on_close.append(ended)
         else:
             now = clock()
-            stats.end(now - started, now, True, False)
+            stats.end((now - started) / slowdown, now, True, False)
         response.raw_headers.append((HEADER, d.id.encode()))
         return response
 

@@ -9,11 +9,13 @@
   dearest, however long its queue: measured in `make bench-routing`, that sent overflow to a slow cheap
   deployment and did not improve p99 on round-robin. Min-max scaling would stretch any difference,
   however small, over the whole range.)
-- `latency`: lowest expected latency x (load + 1); `cost`: lowest expected cost (known prices before
+- `latency`: lowest expected latency (with queueing); `cost`: lowest expected cost (known prices before
   unknown ones), ties by latency; `least-busy`: fewest requests in flight (all replicas); `weighted`:
   random by `Deployment.weight`; `round-robin` and `random`: baselines.
 
-Latency is the deployment's peak-EWMA estimate (TTFT for streams) times (load + 1), so load counts. An
+Latency is the deployment's peak-EWMA estimate (TTFT for streams) times its queueing factor: (load + 1) /
+`max_parallel` once the requests in flight there fill it, else 1 (a hosted API serves ours in parallel; a
+local server queues beyond its batch), so load counts where it delays. An
 unknown price counts as the dearest known one (never as free); an unknown latency (no sample yet) as the
 best known one, or the worst while a request is in flight there. Exploration keeps estimates fresh: in
 `cost-latency` and `latency`, EXPLORE_SHARE of the requests go to a candidate whose estimate is missing or
@@ -65,8 +67,17 @@ def _latencies(candidates: Sequence[Deployment], facts: RequestFacts, now: float
     if not known:
         return None
     best, worst = min(known), max(known)
-    return [(e if e is not None else worst if d.stats.load() else best) * (d.stats.load() + 1)
+    return [(e if e is not None else worst if d.stats.load() else best) * queueing(d)
             for d, e in zip(candidates, estimates, strict=True)]
+
+
+def queueing(d: Deployment) -> float:
+    """How much longer than its estimate a request to `d` is expected to take, given the requests in flight
+    there (all replicas): (load + 1) / max_parallel once the deployment is full, else 1. A deployment with
+    unlimited parallelism (a hosted API) never queues our requests; one with max_parallel 1 serves them one
+    after the other (peak-EWMA's `(load + 1)` factor)."""
+    load = d.stats.load()
+    return (load + 1) / d.max_parallel if load >= d.max_parallel else 1.0
 
 
 def _costs(candidates: Sequence[Deployment], facts: RequestFacts) -> list[float | None]:

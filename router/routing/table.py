@@ -13,6 +13,7 @@ list of prefixes: O(1) in the size of the registry.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import TYPE_CHECKING
 
@@ -84,9 +85,12 @@ class RouteTable:
     def _deployment(self, group: str, id: str, type_: str, provider: Provider, upstream: str | None = None,
                     **fields: object) -> Deployment:
         upstream = upstream or group
+        local = type_ in LOCAL_TYPES
+        if fields.get("max_parallel") is None:
+            fields["max_parallel"] = 1 if local else math.inf  # unknown: a local server queues, a hosted API not
         return Deployment(id=id, group=group, type=type_, provider=provider, upstream_model=upstream,
                           rename=ModelRename(group, upstream) if upstream != group else None,
-                          stats=self.stats.get(f"{group}\x00{id}"), local=type_ in LOCAL_TYPES,
+                          stats=self.stats.get(f"{group}\x00{id}"), local=local,
                           **fields)  # type: ignore[arg-type]
 
     def _prefix_group(self, type_: str) -> ModelGroup | None:
@@ -102,7 +106,8 @@ class RouteTable:
         group = ModelGroup("", [], build_strategy(DEFAULT_STRATEGY, s))
         group.deployments.append(Deployment(id=id_, group="", type=type_, provider=provider, upstream_model="",
                                             rename=None, stats=self.stats.get(f"\x00{id_}"),
-                                            local=type_ in LOCAL_TYPES))
+                                            local=type_ in LOCAL_TYPES,
+                                            max_parallel=1 if type_ in LOCAL_TYPES else math.inf))
         return group
 
     def _provider(self, entry: DeploymentEntry) -> Provider:
@@ -133,7 +138,8 @@ class RouteTable:
         return self._deployment(
             entry.group, entry.name, entry.type, self._provider(entry), upstream, input_price=input_price,
             output_price=output_price, context_window=window, weight=entry.weight, rpm=entry.rpm, tpm=entry.tpm,
-            timeout=entry.timeout, enabled=entry.enabled)
+            timeout=entry.timeout, enabled=entry.enabled,
+            max_parallel=entry.max_parallel)
 
     def rebuild(self, snapshot: Snapshot | None) -> None:
         """Rebuild every group from a registry snapshot (None: none yet) and the agent directory."""

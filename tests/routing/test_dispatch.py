@@ -213,6 +213,24 @@ def test_unreachable_is_skipped_and_every_attempt_recorded_once() -> None:
     assert up.stats.samples(False) == 1
 
 
+def test_a_sample_taken_in_a_queue_is_scaled_back_to_the_deployment_s_own_speed() -> None:
+    """A request sent to a full deployment (max_parallel 2, 3 in flight: it waits behind 2 of them) records
+    its time divided by (3 + 1) / 2, so the estimate does not count a queue that the strategies count again
+    from the requests in flight (and that has drained by then)."""
+    ticks = iter([0.0, 0.0, 4.0])  # clock: picked and started at 0, answered at 4 s
+    d = deployment("local", max_parallel=2)
+    for _ in range(3):
+        d.stats.begin()
+    send(group(d), call(), Dispatcher(SETTINGS, clock=lambda: next(ticks)))
+    assert d.stats.in_flight == 3 and d.stats.expected_latency(False, 10.0) == pytest.approx(2.0)
+    free = deployment("hosted")  # unlimited (the default): 100 in flight change nothing
+    for _ in range(100):
+        free.stats.begin()
+    ticks = iter([0.0, 0.0, 4.0])
+    send(group(free), call(), Dispatcher(SETTINGS, clock=lambda: next(ticks)))
+    assert free.stats.expected_latency(False, 10.0) == pytest.approx(4.0)
+
+
 def test_errors_carry_the_header_and_end_the_attempt() -> None:
     bad = deployment("bad", Fake(fail="400"))
     with pytest.raises(RouterError) as info:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from typing import Any
@@ -12,7 +13,7 @@ from router.config import Settings
 from router.routing.deployment import Deployment, RequestFacts
 from router.routing.stats import MIN_SAMPLES, DeploymentStats
 from router.routing.strategies import (
-    EXPLORE_SHARE, SORTS, STRATEGIES, build_strategy, strategy_for_sort,
+    EXPLORE_SHARE, SORTS, STRATEGIES, build_strategy, queueing, strategy_for_sort,
 )
 
 SETTINGS = Settings(router_cost_weight=1.0, router_latency_weight=1.0)  # the design's weights
@@ -21,7 +22,7 @@ STREAM = RequestFacts(prompt_tokens=1000, output_tokens=500, stream=True)
 
 
 def dep(id: str, price: float | None = 1.0, latency: float | None = None, stream: bool = False,
-        weight: float = 1.0, in_flight: int = 0) -> Deployment:
+        weight: float = 1.0, in_flight: int = 0, max_parallel: float = 1) -> Deployment:
     """A deployment whose estimate is `latency` (None: unmeasured) and prices `price` per million both ways."""
     stats = DeploymentStats()
     if latency is not None:
@@ -34,7 +35,7 @@ def dep(id: str, price: float | None = 1.0, latency: float | None = None, stream
         stats.begin()
     provider: Any = None
     return Deployment(id=id, group="g", type="openai", provider=provider, upstream_model="g", rename=None,
-                      stats=stats, input_price=price, output_price=price, weight=weight)
+                      stats=stats, input_price=price, output_price=price, weight=weight, max_parallel=max_parallel)
 
 
 def shares(strategy: Any, candidates: list[Deployment], n: int, facts: RequestFacts = FACTS,
@@ -82,6 +83,22 @@ def test_cost_latency_leaves_a_free_deployment_once_its_queue_makes_it_slow() ->
     assert shares(strategy, [free, paid], 100) == {"paid": 100}  # scores: 0 + 3 against 1 + 1
     half = dep("half", price=0.0, latency=0.45)
     assert shares(strategy, [half, paid], 100) == {"half": 100}  # 0 + 1.5 against 1 + 1
+
+
+def test_requests_in_flight_count_only_beyond_what_a_deployment_serves_at_once() -> None:
+    """`max_parallel`: a local server with a batch of 4 keeps its estimate until 4 are in flight there, then
+    (load + 1) / 4; a hosted API (unlimited) never queues ours, however many are in flight."""
+    strategy = build_strategy("cost-latency", SETTINGS, random.Random(1))
+    paid = dep("paid", price=4.0, latency=0.3, max_parallel=math.inf)
+    free = dep("free", price=0.0, latency=0.5, max_parallel=4)  # 0 + 1.67 against 1 + 1
+    for _ in range(3):
+        free.stats.begin()
+    assert queueing(free) == 1.0 and shares(strategy, [free, paid], 50) == {"free": 50}
+    free.stats.begin()  # 4 in flight: the next one waits; 0.5 x 5/4 = 0.625 s, 0 + 2.08 against 2
+    assert queueing(free) == 1.25 and shares(strategy, [free, paid], 50) == {"paid": 50}
+    for _ in range(100):
+        paid.stats.begin()
+    assert queueing(paid) == 1.0 and shares(strategy, [free, paid], 50) == {"paid": 50}
 
 
 def test_an_unmeasured_deployment_with_a_request_in_flight_counts_as_the_slowest() -> None:

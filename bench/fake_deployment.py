@@ -44,6 +44,7 @@ class FakeSpec:
     tokens_per_s: float = 100.0  # generation speed of one request
     prefill_per_s: float = 0.0  # prompt tokens processed per second before the first token (0: free)
     failure_rate: float = 0.0  # share of requests answered 500
+    hang: bool = False  # takes every request and never answers (a hung server)
     concurrency: int = 0  # requests served at once; the rest queue (0: no limit, a hosted API)
     input_price: float = 0.0  # USD per million tokens, given to the router through the registry
     output_price: float = 0.0
@@ -145,6 +146,8 @@ class Fake:
         c.in_flight += 1
         c.max_in_flight = max(c.max_in_flight, c.in_flight)
         try:
+            if self.spec.hang:
+                await asyncio.sleep(3600)  # until the client gives up
             await asyncio.sleep(ttft)
             if fail:
                 c.failed += 1

@@ -15,6 +15,9 @@ scenarios:
 - ttft: `latency` among a 1 s-TTFT and a 3 s-TTFT deployment: at least 90% of 50 streams to the 1 s one.
 - threshold: two hosted deployments and a local one under `round-robin` with ROUTER_COST_THRESHOLD at its
   default: every request whose expected cost is above it must land on the local deployment.
+- chaos: a deployment failing 30% of requests, a hung one and a healthy one, under `cost-latency` and
+  `round-robin`, with short timeouts (first token 1.5 s, whole exchange 3 s): at least 99.9% of requests
+  succeed, and p99 stays within a timeout plus one healthy answer.
 
 Prints the tables (markdown) and one PASS/FAIL line per target; exits 1 if one fails.
 
@@ -54,6 +57,9 @@ CONFIG_PREFIXES = ("ROUTER_", "SQLITE_", "REGISTRY_", "AGENT_", "LOCAL_AGENT", "
                    "MAX_BODY", "REDIS_", "CACHE_", "RATE_LIMIT", "LOG_", "PROMETHEUS_")
 STRATEGIES = ("cost-latency", "latency", "cost", "least-busy", "weighted", "round-robin", "random")
 WORDS = ("route", "token", "model", "latency", "cost", "queue", "stream", "deploy", "local", "price")
+#: the chaos scenario's timeouts (seconds): a stream's first token, a whole non-streaming exchange
+CHAOS_FIRST_TOKEN_TIMEOUT = 1.5
+CHAOS_TIMEOUT = 3.0
 #: ROUTER_COST_THRESHOLD's unit: thousandths of a US cent (1e-5 USD)
 THRESHOLD_UNIT = 1e-5
 
@@ -392,6 +398,9 @@ def describe(scenario: Scenario) -> str:
     load = f"{w.rate:g} requests/s (Poisson)" if w.rate > 0 else f"closed loop, {w.concurrency} at once"
     parts = [f"### {scenario.name}: {w.requests} requests, {load}, {w.stream_share:.0%} streams, seed {w.seed}"]
     for d in scenario.deployments:
+        if d.hang:
+            parts.append(f"- `{d.name}` ({d.type}): takes every request and never answers")
+            continue
         parts.append(f"- `{d.name}` ({d.type}): TTFT {d.ttft:g} s (σ {d.sigma:g}), {d.tokens_per_s:g} tokens/s, "
                      f"{d.failure_rate:.1%} failures, " + (f"saturates at {d.concurrency}, " if d.concurrency
                                                            else "") + f"${d.input_price:g} / ${d.output_price:g} "
@@ -416,6 +425,22 @@ def check_mixed(rows: list[Row]) -> Check:
     return Check("cost-latency vs round-robin", gain >= 0.30 and cl.cost <= rr.cost,
                  f"p99 {cl.latency[2]:.2f} s vs {rr.latency[2]:.2f} s ({gain:.0%} lower, target ≥ 30%), "
                  f"cost ${cl.cost:.4f} vs ${rr.cost:.4f} (target: no higher)")
+
+
+def check_chaos(rows: list[Row]) -> Check:
+    """One deployment failing 30% of requests and one hung: at least 99.9% of requests succeed while a healthy
+    one remains, and p99 stays bounded by the timeouts (a request that met the hung deployment waited out a
+    timeout, then was answered elsewhere: timeout + a healthy answer, 1.5 s at most here)."""
+    details, passed = [], True
+    for r in rows:
+        ok = 1 - r.error_rate
+        bound = CHAOS_TIMEOUT + 1.5
+        ttft_bound = CHAOS_FIRST_TOKEN_TIMEOUT + 1.5
+        good = ok >= 0.999 and r.latency[2] <= bound and r.ttft[2] <= ttft_bound
+        passed = passed and good
+        details.append(f"{r.strategy}: {ok:.1%} succeeded, p99 {r.latency[2]:.2f} s (≤ {bound:g}), "
+                       f"TTFT p99 {r.ttft[2]:.2f} s (≤ {ttft_bound:g})")
+    return Check("chaos: failures and a hung deployment absorbed", passed, "; ".join(details))
 
 
 def check_ttft(rows: list[Row], fast: str) -> Check:
@@ -483,7 +508,19 @@ def scenarios(quick: bool, scale: float) -> list[Scenario]:
         Workload(requests=20 if quick else 60, rate=0, concurrency=4, prompt_tokens=(20, 200),
                  max_tokens=(50, 400)),
         ("round-robin",), {"ROUTER_COST_THRESHOLD": "1000"})
-    return [rescale(s, scale) for s in (mixed, ttft, threshold)]
+    chaos = Scenario(
+        "chaos", "sim-chaos",
+        (FakeSpec("flaky", "flaky-m", ttft=0.2, sigma=0.2, tokens_per_s=300, failure_rate=0.3, input_price=1.0,
+                  output_price=2.0, seed=11),
+         FakeSpec("hung", "hung-m", hang=True, input_price=0.5, output_price=1.0, seed=12),
+         FakeSpec("healthy", "healthy-m", ttft=0.3, sigma=0.2, tokens_per_s=300, input_price=2.0, output_price=4.0,
+                  seed=13)),
+        Workload(requests=60 if quick else 300, rate=10.0, concurrency=64, prompt_tokens=(50, 400),
+                 max_tokens=(32, 64)),
+        ("cost-latency", "round-robin"),
+        {"ROUTER_COST_THRESHOLD": "0", "UPSTREAM_FIRST_TOKEN_TIMEOUT": str(CHAOS_FIRST_TOKEN_TIMEOUT),
+         "UPSTREAM_TIMEOUT": str(CHAOS_TIMEOUT)})
+    return [rescale(s, scale) for s in (mixed, ttft, threshold, chaos)]
 
 
 def rescale(s: Scenario, scale: float) -> Scenario:
@@ -518,6 +555,8 @@ async def main_async(args: argparse.Namespace) -> int:
                 checks.append(check_mixed(rows))
             elif scenario.name == "ttft":
                 checks.append(check_ttft(rows, scenario.deployments[0].name))
+            elif scenario.name == "chaos":
+                checks.append(check_chaos(rows))
             else:
                 checks.append(check_threshold(scenario, rows[0], plan(scenario.workload, scenario.group),
                                               float(scenario.env["ROUTER_COST_THRESHOLD"])))
@@ -537,7 +576,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer requests per scenario")
     parser.add_argument("--time-scale", type=float, default=1.0,
                         help="multiply every latency (and divide arrival rates) by this")
-    parser.add_argument("--only", nargs="*", choices=("mixed", "ttft", "threshold"), help="run only these")
+    parser.add_argument("--only", nargs="*", choices=("mixed", "ttft", "threshold", "chaos"), help="run only these")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--strategies", nargs="*", choices=STRATEGIES,
                         help="run only these strategies (the targets need cost-latency and round-robin)")

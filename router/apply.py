@@ -23,11 +23,14 @@ from router.registry import (
     group_limits,
     transaction,
     validate_deployment,
+    validate_fallback_graph,
+    validate_fallbacks,
     validate_group_name,
     validate_strategy,
 )
 
-GROUP_KEYS = ("strategy", "rpm", "tpm", "aliases", "deployments")
+GROUP_KEYS = ("strategy", "rpm", "tpm", "fallbacks", "content_policy_fallbacks", "aliases", "deployments")
+GROUP_FIELDS = ("strategy", "rpm", "tpm", "fallbacks", "content_policy_fallbacks")  # compared with the registry
 
 
 @dataclass
@@ -37,6 +40,8 @@ class GroupSpec:
     tpm: int | None
     aliases: list[str]
     deployments: dict[str, dict[str, Any]]  # name -> validated fields (validate_deployment, key_env not checked)
+    fallbacks: tuple[str, ...] = ()  # as written: names of groups or aliases of this file
+    content_policy_fallbacks: bool = False
 
 
 def parse(text: str, source: str = "file") -> dict[str, GroupSpec]:
@@ -67,6 +72,10 @@ def parse(text: str, source: str = "file") -> dict[str, GroupSpec]:
         try:
             strategy = validate_strategy(raw.get("strategy"))
             rpm, tpm = group_limits(raw.get("rpm"), raw.get("tpm"))
+            fallbacks = validate_fallbacks(raw.get("fallbacks"))
+            content_policy = raw.get("content_policy_fallbacks", False)
+            if not isinstance(content_policy, bool):
+                raise RegistryError(f"content_policy_fallbacks must be true or false, got {content_policy!r}")
             aliases = raw.get("aliases") or []
             if not isinstance(aliases, list):
                 raise RegistryError("aliases must be a list of names")
@@ -93,7 +102,7 @@ def parse(text: str, source: str = "file") -> dict[str, GroupSpec]:
                 deployments[d["name"]] = d
         except RegistryError as exc:
             raise RegistryError(f"{where}: {exc}") from None
-        specs[name] = GroupSpec(strategy, rpm, tpm, aliases, deployments)
+        specs[name] = GroupSpec(strategy, rpm, tpm, aliases, deployments, fallbacks, content_policy)
     owners: dict[str, str] = {}
     for name, spec in specs.items():
         for alias in spec.aliases:
@@ -102,6 +111,10 @@ def parse(text: str, source: str = "file") -> dict[str, GroupSpec]:
             if alias in owners:
                 raise RegistryError(f"{source}: alias {alias!r} is given to {owners[alias]!r} and {name!r}")
             owners[alias] = name
+    try:  # once the whole file is read: a fallback may name a group defined further down
+        validate_fallback_graph({name: spec.fallbacks for name, spec in specs.items()}, owners)
+    except RegistryError as exc:
+        raise RegistryError(f"{source}: {exc}") from None
     return specs
 
 
@@ -127,9 +140,12 @@ class Plan:
         with transaction(conn):
             for fn in self._writes:
                 fn(store, conn, now)
+            store.check_fallbacks(conn)
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return f"[{', '.join(value)}]" if value else "-"
     return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -142,6 +158,7 @@ def plan(specs: dict[str, GroupSpec], snap: Snapshot) -> Plan:
         current.setdefault(d.group, {})[d.name] = d
     removals: list[Any] = []
     additions: list[Any] = []
+    fallbacks: list[Any] = []  # last: they may name groups and aliases added before them
     for alias, group in sorted(snap.aliases.items()):
         target = next((n for n, s in specs.items() if alias in s.aliases), None)
         if target != group:
@@ -164,16 +181,22 @@ def plan(specs: dict[str, GroupSpec], snap: Snapshot) -> Plan:
         diffs = []
         if old_group is None:
             p.lines.append(f"+ model {name} (strategy {spec.strategy or 'default'}, rpm {_show(spec.rpm)}, "
-                           f"tpm {_show(spec.tpm)})")
+                           f"tpm {_show(spec.tpm)}"
+                           + (f", fallbacks {_show(spec.fallbacks)}" if spec.fallbacks else "")
+                           + (", content-policy fallbacks" if spec.content_policy_fallbacks else "") + ")")
             p.added += 1
         else:
             diffs = [f"{k} {_show(getattr(old_group, k))} -> {_show(getattr(spec, k))}"
-                     for k in ("strategy", "rpm", "tpm") if getattr(old_group, k) != getattr(spec, k)]
+                     for k in GROUP_FIELDS if getattr(old_group, k) != getattr(spec, k)]
             if diffs:
                 p.lines.append(f"~ model {name}: {', '.join(diffs)}")
                 p.changed += 1
         if old_group is None or diffs:
             additions.append(lambda st, c, now, n=name, s=spec: st.put_group(c, n, s.strategy, s.rpm, s.tpm, now))
+        had = (old_group.fallbacks, old_group.content_policy_fallbacks) if old_group is not None else ((), False)
+        if had != (spec.fallbacks, spec.content_policy_fallbacks):
+            fallbacks.append(lambda st, c, now, n=name, s=spec: st.put_fallbacks(
+                c, n, s.fallbacks, s.content_policy_fallbacks, now))
         for dname, want in spec.deployments.items():
             have = current.get(name, {}).get(dname)
             if have is None:
@@ -195,7 +218,7 @@ def plan(specs: dict[str, GroupSpec], snap: Snapshot) -> Plan:
                 p.lines.append(f"+ alias {alias} -> {name}")
                 p.added += 1
                 additions.append(lambda st, c, now, a=alias, n=name: st.put_alias(c, a, n))
-    p._writes = removals + additions
+    p._writes = removals + additions + fallbacks
     return p
 
 
@@ -212,6 +235,10 @@ def export(snap: Snapshot) -> str:
     models: dict[str, Any] = {}
     for g in snap.groups:
         entry: dict[str, Any] = {k: getattr(g, k) for k in ("strategy", "rpm", "tpm") if getattr(g, k) is not None}
+        if g.fallbacks:
+            entry["fallbacks"] = list(g.fallbacks)
+        if g.content_policy_fallbacks:
+            entry["content_policy_fallbacks"] = True
         if g.name in aliases:
             entry["aliases"] = sorted(aliases[g.name])
         entry["deployments"] = [

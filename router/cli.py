@@ -29,7 +29,8 @@ from rich.table import Table
 
 from router.config import ConfigError, Settings, load_settings
 from router.errors import Scrubber
-from router.registry import Connection, RegistryError, RegistryStore, open_store, transaction, validate_url
+from router.registry import (Connection, DeploymentEntry, RegistryError, RegistryStore, open_store, transaction,
+                             validate_url)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LLM router: serve the OpenAI-compatible endpoint and manage the model registry.")
@@ -154,12 +155,14 @@ KIND_HELP = ("api or weight. api: a provider's hosted API (their hardware, bille
 def deployment_options(name: str | None, upstream_model: str | None, key_env: str | None,
                        input_price: float | None, output_price: float | None, context_window: int | None,
                        weight: float | None, rpm: int | None, tpm: int | None, timeout: float | None,
-                       max_tokens_param: str | None, max_parallel: int | None = None) -> dict[str, Any]:
-    """The deployment fields given on the command line (None: not given)."""
+                       max_tokens_param: str | None, max_parallel: int | None = None,
+                       timeouts: dict[str, float | None] | None = None) -> dict[str, Any]:
+    """The deployment fields given on the command line (None: not given); `timeouts`: connect_timeout,
+    first_token_timeout, idle_timeout."""
     given = {"name": name, "upstream_model": upstream_model, "key_env": key_env, "input_price": input_price,
              "output_price": output_price, "context_window": context_window, "weight": weight, "rpm": rpm,
              "tpm": tpm, "timeout": timeout, "max_tokens_param": max_tokens_param, "max_parallel": max_parallel}
-    values: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    values: dict[str, Any] = {k: v for k, v in {**given, **(timeouts or {})}.items() if v is not None}
     if values.get("max_tokens_param") == "default":
         values["max_tokens_param"] = None
     if values.get("max_parallel") == 0:  # back to the type's default
@@ -176,6 +179,13 @@ OUTPUT_PRICE_OPT = typer.Option(None, help="USD per million output tokens (defau
 CONTEXT_OPT = typer.Option(None, help="Context window in tokens (prompt + output).")
 WEIGHT_OPT = typer.Option(None, help="Share of traffic for the weighted strategy (default 1).")
 TIMEOUT_OPT = typer.Option(None, help="Seconds for a whole exchange with this deployment (default UPSTREAM_TIMEOUT).")
+# resilience (issue 11): timeouts per deployment
+CONNECT_TIMEOUT_OPT = typer.Option(None, help="Seconds to connect to this deployment (default "
+                                   "UPSTREAM_CONNECT_TIMEOUT; 0 on update-model: back to the default).")
+FIRST_TOKEN_TIMEOUT_OPT = typer.Option(None, help="Seconds to a stream's first content before the next deployment is "
+                                       "tried (default UPSTREAM_FIRST_TOKEN_TIMEOUT; 0 on update-model: the default).")
+IDLE_TIMEOUT_OPT = typer.Option(None, help="Seconds a stream may wait between chunks (default UPSTREAM_IDLE_TIMEOUT; "
+                                "0 on update-model: the default).")
 STRATEGY_OPT = typer.Option(None, help="The group's strategy: cost-latency (default), weighted, least-busy, "
                             "latency, cost, round-robin, random.")
 MAX_TOKENS_OPT = typer.Option(None, help="The field its upstream reads the output-token limit from: max_tokens, "
@@ -205,12 +215,17 @@ def add_model(
     strategy: str | None = STRATEGY_OPT,
     max_tokens_param: str | None = MAX_TOKENS_OPT,
     max_parallel: int | None = MAX_PARALLEL_OPT,
+    connect_timeout: float | None = CONNECT_TIMEOUT_OPT,
+    first_token_timeout: float | None = FIRST_TOKEN_TIMEOUT_OPT,
+    idle_timeout: float | None = IDLE_TIMEOUT_OPT,
 ) -> None:
     """Add a model, or another deployment of it: the same NAME with a different type, endpoint or
     upstream model serves the same group."""
+    timeouts = {"connect_timeout": connect_timeout, "first_token_timeout": first_token_timeout,
+                "idle_timeout": idle_timeout}
     values = {"type": type, "endpoint": endpoint, "kind": kind, "enabled": not disabled,
               **deployment_options(deployment, upstream_model, key_env, input_price, output_price, context_window,
-                                   weight, rpm, tpm, timeout, max_tokens_param, max_parallel)}
+                                   weight, rpm, tpm, timeout, max_tokens_param, max_parallel, timeouts)}
     with registry(settings()) as (reg, conn):
         entry = reg.add_deployment(conn, name, values, strategy)
         count = len(reg.load_deployments(conn, entry.group))
@@ -243,14 +258,20 @@ def update_model(
     strategy: str | None = STRATEGY_OPT,
     max_tokens_param: str | None = MAX_TOKENS_OPT,
     max_parallel: int | None = MAX_PARALLEL_OPT,
+    connect_timeout: float | None = CONNECT_TIMEOUT_OPT,
+    first_token_timeout: float | None = FIRST_TOKEN_TIMEOUT_OPT,
+    idle_timeout: float | None = IDLE_TIMEOUT_OPT,
 ) -> None:
     """Change a model group (--strategy; --rpm/--tpm without --deployment) or one deployment, in place."""
     group_changes: dict[str, Any] = {"strategy": strategy} if strategy is not None else {}
     if deployment is None:
         group_changes.update({k: v for k, v in (("rpm", rpm), ("tpm", tpm)) if v is not None})
         rpm = tpm = None
+    timeouts = {"connect_timeout": connect_timeout, "first_token_timeout": first_token_timeout,
+                "idle_timeout": idle_timeout}
     changes = deployment_options(rename, upstream_model, key_env, input_price, output_price, context_window,
-                                 weight, rpm, tpm, timeout, max_tokens_param, max_parallel)
+                                 weight, rpm, tpm, timeout, max_tokens_param, max_parallel, timeouts)
+    changes.update({k: None for k, v in timeouts.items() if v == 0})  # 0: back to the setting's default
     changes.update({k: v for k, v in (("type", type), ("endpoint", endpoint), ("kind", kind), ("enabled", enable))
                     if v is not None})
     if not group_changes and not changes:
@@ -306,6 +327,27 @@ def add_alias(alias: str = typer.Argument(..., help="Another name clients may se
     with registry(settings()) as (reg, conn):
         reg.add_alias(conn, alias, name)
     out.print(f"alias {alias} -> {name}")
+
+
+FALLBACKS_ARG = typer.Argument(None, help="Models (or aliases) tried in order once NAME's own deployments are "
+                               "exhausted; none: no fallbacks.")
+
+
+@app.command("set-fallbacks")
+def set_fallbacks(
+    name: str = typer.Argument(..., help="The model (group) whose fallbacks these are."),
+    fallbacks: list[str] | None = FALLBACKS_ARG,
+    content_policy: bool | None = typer.Option(None, "--content-policy/--no-content-policy",
+                                               help="Whether a content-policy refusal also goes to the fallbacks "
+                                               "(default: unchanged; off for a new group)."),
+) -> None:
+    """Set a model's fallback models (none given: clear them); prints the chain a request may follow."""
+    with registry(settings()) as (reg, conn):
+        chain = reg.set_fallbacks(conn, name, fallbacks or [], content_policy)
+        group = reg.group(conn, name)
+    assert group is not None
+    out.print((f"fallback chain: {' -> '.join(chain)}" if len(chain) > 1 else f"{name}: no fallbacks")
+              + ("; content-policy refusals fall back too" if group.content_policy_fallbacks else ""), markup=False)
 
 
 @app.command("remove-alias")
@@ -447,8 +489,10 @@ def list_models() -> None:
     for g in snap.groups:
         limits = _limits(g.rpm, g.tpm)
         head = g.name + (f" (aliases: {', '.join(aliases[g.name])})" if g.name in aliases else "")
-        rows.append((head, f"strategy: {g.strategy or DEFAULT_STRATEGY}", "", "", "", "", "", "", "", "",
-                     f"group: {limits}" if limits else "", "", _when(g.updated_at)))
+        fallbacks = (f"; fallbacks: {', '.join(g.fallbacks)}" if g.fallbacks else "") + (
+            " (content policy too)" if g.fallbacks and g.content_policy_fallbacks else "")
+        rows.append((head, f"strategy: {g.strategy or DEFAULT_STRATEGY}{fallbacks}", "", "", "", "", "", "", "", "",
+                     f"group: {limits}" if limits else "", "", "", _when(g.updated_at)))
         for d in deployments.get(g.name, []):
             default = default_price(d.type, d.upstream_model or d.group)
             context = d.context_window or (default.context_window if default else None)
@@ -458,20 +502,28 @@ def list_models() -> None:
                          (f"{context}" + ("" if d.context_window else " (default)")) if context else "unknown",
                          f"{d.weight:g}", "; ".join(x for x in (_limits(d.rpm, d.tpm),
                                                                  d.max_parallel and f"{d.max_parallel} at once") if x)
-                         or "-", "yes" if d.enabled else "no",
+                         or "-", "yes" if d.enabled else "no", _timeouts(d),
                          _when(d.updated_at)))
     show(f"models in {reg.location} (prices: USD per million tokens)",
          ("name", "deployment", "type", "kind", "endpoint", "upstream model", "input $", "output $", "context",
-          "weight", "limits", "enabled", "updated"), rows)
+          "weight", "limits", "enabled", "timeouts (s)", "updated"), rows)
     if snap.agents:
         show("agents", ("name", "endpoint", "models", "last heartbeat", "credential"),
              [(a.name, a.endpoint, ", ".join(a.models), _when(a.last_heartbeat), a.token_name or "-")
               for a in snap.agents])
 
 
+def _timeouts(d: DeploymentEntry) -> str:
+    """The deployment's own timeouts, compactly (total, connect, first token, idle); '-': the settings'."""
+    pairs = (("total", d.timeout), ("connect", d.connect_timeout), ("first token", d.first_token_timeout),
+             ("idle", d.idle_timeout))
+    return " ".join(f"{label} {value:g}" for label, value in pairs if value is not None) or "-"
+
+
 @app.command("apply")
 def apply_file(
-    file: str = typer.Argument(..., help="YAML file: models -> {strategy, rpm, tpm, aliases, deployments}."),
+    file: str = typer.Argument(..., help="YAML file: models -> {strategy, rpm, tpm, fallbacks, "
+                              "content_policy_fallbacks, aliases, deployments}."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the changes; write nothing."),
 ) -> None:
     """Make the registry's models, deployments and aliases match FILE (agents are left alone), in one

@@ -96,6 +96,13 @@ class Settings(BaseSettings):
     # Upstream HTTP
     upstream_connect_timeout: float = Field(10.0, gt=0)
     upstream_timeout: float = Field(600.0, gt=0)
+    # [resilience] a stream's first content token must come within this many seconds (else the next
+    # deployment is tried); a stream's socket may then stay silent at most this long (its head included);
+    # both per deployment in the registry too
+    upstream_first_token_timeout: float = Field(120.0, gt=0)
+    upstream_idle_timeout: float = Field(120.0, gt=0)
+    router_num_retries: int = Field(2, ge=0, le=10)  # [resilience] attempts per request: 1 + this
+    router_retry_after_cap: float = Field(30.0, ge=0)  # [resilience] longest Retry-After honoured (seconds)
     upstream_max_connections: int = Field(1000, ge=1)
     # [upstream] idle pooled connections are closed after this long: below common upstream keep-alive
     # timeouts (uvicorn and Node: 5 s), so the router rarely reuses one the upstream is closing

@@ -75,7 +75,7 @@ class RouterState:
         self.weights = WeightStore(settings, self.metrics)
         self.stats = StatsRegistry()  # per-deployment statistics: kept across route-table rebuilds
         self.routes = RouteTable(settings, self.http, self.agents, self.weights, self.stats)
-        self.dispatcher = Dispatcher(settings, self.stats.clock)
+        self.dispatcher = Dispatcher(settings, self.stats.clock, resolve=self.routes.resolve)
         self.keys = KeyTable(settings.router_master_key)
         self.agent_policy = AgentPolicy(settings)
         self.agent_register_limits = LocalLimiter()  # AGENT_REGISTER_RPM per client address, in this process

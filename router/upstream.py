@@ -91,6 +91,9 @@ class SSEResponse:
         if headers:
             self.raw_headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         self.on_close: list[Callable[[], None]] = []
+        #: the failure a final error event of this stream reports (set as the event is made), so that a caller
+        #: that has sent nothing yet can try elsewhere instead
+        self.failure: RouterError | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
@@ -144,6 +147,13 @@ async def close_source(source: AsyncIterator[bytes]) -> None:
         await aclose()
 
 
+async def _nothing() -> AsyncIterator[bytes]:
+    """An empty stream (a placeholder until the real source is set)."""
+    nothing: tuple[bytes, ...] = ()
+    for chunk in nothing:
+        yield chunk
+
+
 def sse_error_tail(tail: bytes) -> bytes:
     """Separator needed before an injected event so it never lands inside another."""
     if not tail or tail.endswith((b"\n\n", b"\r\n\r\n")):
@@ -156,6 +166,18 @@ NOT_ANSWERED = frozenset({"upstream_unreachable", "upstream_disconnected"})
 
 #: errnos of a connection the upstream closed (or reset) under a request, as ClientOSError carries them
 _CLOSED_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
+
+#: the current attempt's timeouts (`client_timeouts`), set by the dispatcher around one deployment's call and
+#: read in `open`: one mechanism for every provider, with no provider's signature changed; None: the defaults
+attempt_timeout: ContextVar[aiohttp.ClientTimeout | None] = ContextVar("upstream_attempt_timeout", default=None)
+
+
+def client_timeouts(total: float, connect: float, idle: float) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
+    """A deployment's timeouts for a whole exchange and for a stream, whose socket may also stay silent at
+    most `idle` seconds (between chunks, and before the head)."""
+    return (aiohttp.ClientTimeout(total=total, connect=connect, sock_connect=connect),
+            aiohttp.ClientTimeout(total=total, connect=connect, sock_connect=connect, sock_read=idle))
+
 
 #: whether the current request's connection came from the pool; set by `_PoolConnector`, read in `open`
 _reused: ContextVar[bool] = ContextVar("upstream_connection_reused", default=False)
@@ -249,13 +271,14 @@ class UpstreamClient:
         if chain is not None:
             headers = {**headers, hops.HOP_HEADER: chain}
         _reused.set(False)
+        timeout = attempt_timeout.get() or self._timeout
         try:
-            return await self._session.post(url, data=body, headers=headers, allow_redirects=False)
+            return await self._session.post(url, data=body, headers=headers, allow_redirects=False, timeout=timeout)
         except BaseException as exc:  # noqa: BLE001 - mapped or re-raised below
             if not (_reused.get() and _closed_before_answer(exc)):
                 raise self._open_error(exc, provider, url) from None
         try:  # the upstream closed its idle connection as this request went out: it was never processed
-            return await self._fresh.post(url, data=body, headers=headers, allow_redirects=False)
+            return await self._fresh.post(url, data=body, headers=headers, allow_redirects=False, timeout=timeout)
         except BaseException as exc:  # noqa: BLE001
             raise self._open_error(exc, provider, url) from None
 
@@ -343,27 +366,33 @@ class UpstreamClient:
             resp.close()
             raise RouterError(502, f"upstream {provider} answered a stream request with {_kind(resp)}, "
                               "not an event stream", code="upstream_bad_response")
-        return SSEResponse(self._relayed(provider, url, resp, source), resp.status, pass_headers(resp, self.scrub))
+        response = SSEResponse(_nothing(), resp.status, pass_headers(resp, self.scrub))
+        response.body_iterator = self._relayed(provider, url, resp, source, response)
+        return response
 
     async def _relayed(self, provider: str, url: str | URL, resp: aiohttp.ClientResponse,
-                       source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+                       source: AsyncIterator[bytes], response: SSEResponse) -> AsyncIterator[bytes]:
         tail = b""
         complete = False
+        failure: RouterError | None = None
         try:
-            async for chunk in source:
-                tail = _tail(tail, chunk)
-                yield chunk
-            complete = True
-        except RouterError as exc:
-            yield sse_error_tail(tail) + exc.scrubbed(self.scrub).sse_event()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            failure = self.transport_error(exc, provider, url)
-            assert isinstance(failure, RouterError)
-            yield sse_error_tail(tail) + failure.sse_event()
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # orjson's errors are ValueErrors
-            unreadable = RouterError(502, f"upstream {provider} sent an event the router could not read: "
-                                     f"{exc.__class__.__name__}", code="upstream_bad_response")
-            yield sse_error_tail(tail) + unreadable.sse_event()
+            try:
+                async for chunk in source:
+                    tail = _tail(tail, chunk)
+                    yield chunk
+                complete = True
+            except RouterError as exc:
+                failure = exc.scrubbed(self.scrub)
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                mapped = self.transport_error(exc, provider, url)
+                assert isinstance(mapped, RouterError)
+                failure = mapped
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:  # orjson's errors are ValueErrors
+                failure = RouterError(502, f"upstream {provider} sent an event the router could not read: "
+                                      f"{exc.__class__.__name__}", code="upstream_bad_response")
+            if failure is not None:
+                response.failure = failure  # what the event says, for a dispatcher that has sent nothing yet
+                yield sse_error_tail(tail) + failure.sse_event()
         finally:
             if complete:
                 resp.release()

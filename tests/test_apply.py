@@ -137,3 +137,91 @@ def test_a_missing_key_variable_fails_the_whole_file(tmp_path: Path) -> None:
     r = apply(tmp_path, FILE, env={})
     assert r.returncode != 0 and "APPLY_TEST_KEY" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert run_cli(tmp_path, "export").stdout == "models: {}\n"  # one transaction: nothing from the file
+
+
+FALLBACK_FILE = """\
+models:
+  gpt-4o:
+    fallbacks: [sonnet, llama]
+    content_policy_fallbacks: true
+    deployments:
+      - name: main
+        type: openai
+        endpoint: https://api.openai.com
+        connect_timeout: 2
+        first_token_timeout: 15
+        idle_timeout: 30
+  sonnet:
+    fallbacks: [local]
+    deployments:
+      - type: anthropic
+        endpoint: https://api.anthropic.com
+  llama:
+    aliases: [local]
+    deployments:
+      - type: local
+        endpoint: http://127.0.0.1:5000
+"""
+
+
+@pytest.mark.usefixtures("registry_backend")
+def test_fallbacks_and_timeouts_apply_diff_and_round_trip(tmp_path: Path) -> None:
+    # fallbacks naming groups (and an alias) that the file defines further down
+    r = apply(tmp_path, FALLBACK_FILE)
+    assert r.returncode == 0, r.stderr
+    assert "+ model gpt-4o (strategy default, rpm -, tpm -, fallbacks [sonnet, llama], content-policy fallbacks)" \
+        in r.stdout, r.stdout
+    assert execute(tmp_path, "SELECT name, fallbacks, content_policy_fallbacks FROM model_groups ORDER BY name") == [
+        ("gpt-4o", '["sonnet","llama"]', True), ("llama", None, False), ("sonnet", '["local"]', False)]
+    assert execute(tmp_path, "SELECT connect_timeout, first_token_timeout, idle_timeout FROM deployments "
+                   "WHERE name = 'main'") == [(2.0, 15.0, 30.0)]
+    before = db_digest(tmp_path)
+    assert "no changes" in apply(tmp_path, FALLBACK_FILE).stdout and db_digest(tmp_path) == before
+    exported = run_cli(tmp_path, "export").stdout
+    for text in ("fallbacks:\n    - sonnet\n    - llama\n", "content_policy_fallbacks: true", "connect_timeout: 2.0",
+                 "first_token_timeout: 15.0", "idle_timeout: 30.0"):
+        assert text in exported, exported
+    assert exported.count("fallbacks") == 3  # only where set: not llama's, not sonnet's content-policy switch
+    assert "timeout" not in exported.split("sonnet:")[1]
+    other = tmp_path / "other"
+    assert apply(other, exported).returncode == 0
+    assert run_cli(other, "export").stdout == exported
+    # changes are shown per field, and a group dropped from the file and from the fallbacks goes in one apply
+    changed = (FALLBACK_FILE.replace("fallbacks: [sonnet, llama]", "fallbacks: [llama]")
+               .replace("content_policy_fallbacks: true", "content_policy_fallbacks: false")
+               .replace("connect_timeout: 2", "connect_timeout: 3").replace("        idle_timeout: 30\n", ""))
+    changed = changed[:changed.index("  sonnet:")] + changed[changed.index("  llama:"):]  # sonnet removed
+    dry = apply(tmp_path, changed, "--dry-run")
+    for line in ("~ model gpt-4o: fallbacks [sonnet, llama] -> [llama], content_policy_fallbacks True -> False",
+                 "~ deployment gpt-4o/main: connect_timeout 2 -> 3, idle_timeout 30 -> -", "- model sonnet"):
+        assert line in dry.stdout, dry.stdout
+    assert db_digest(tmp_path) == before
+    r = apply(tmp_path, changed)
+    assert r.returncode == 0 and "0 added, 2 changed, 1 removed" in r.stdout, r.stdout + r.stderr
+    assert execute(tmp_path, "SELECT name, fallbacks, content_policy_fallbacks FROM model_groups ORDER BY name") == [
+        ("gpt-4o", '["llama"]', False), ("llama", None, False)]
+    assert "no changes" in apply(tmp_path, changed).stdout
+
+
+@pytest.mark.usefixtures("registry_backend")
+@pytest.mark.parametrize("old, new, fragment", [
+    ("[sonnet, llama]", "[sonnet, ghost]", "fallback 'ghost' of model 'gpt-4o' is not a model or alias"),
+    ("[sonnet, llama]", "[gpt-4o]", "model 'gpt-4o' cannot fall back to itself"),
+    ("[sonnet, llama]", "[llama, local]", "names fallback 'llama' twice ('llama' and 'local')"),
+    ("[local]", "[gpt-4o]", "fallbacks would loop: gpt-4o -> sonnet -> gpt-4o"),
+    ("[sonnet, llama]", "sonnet", "fallbacks must be a list of model names"),
+    ("[sonnet, llama]", "[sonnet, 3]", "fallbacks must be a list of model names"),
+    ("content_policy_fallbacks: true", "content_policy_fallbacks: 1", "content_policy_fallbacks must be true or false"),
+    ("connect_timeout: 2", "connect_timeout: 0", "connect_timeout must be more than 0"),
+    ("first_token_timeout: 15", "first_token_timeout: -1", "first_token_timeout must be more than 0"),
+    ("idle_timeout: 30", "idle_timeout: fast", "idle_timeout must be a number"),
+])
+def test_bad_fallbacks_and_timeouts_are_refused(tmp_path: Path, old: str, new: str, fragment: str) -> None:
+    assert apply(tmp_path, FALLBACK_FILE).returncode == 0
+    before = db_digest(tmp_path)
+    text = FALLBACK_FILE.replace(old, new, 1)
+    assert text != FALLBACK_FILE
+    r = apply(tmp_path, text)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr, r.stderr
+    assert db_digest(tmp_path) == before

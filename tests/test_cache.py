@@ -134,7 +134,7 @@ def test_cache_control_directives(start_router, stub: OpenAIStub) -> None:
 @pytest.mark.parametrize("model, stream", [("gpt-error-500", False), ("gpt-error-429", True),
                                            ("gpt-midstream-fail", True), ("gpt-truncated", True)])
 def test_failures_are_never_cached(start_router, stub: OpenAIStub, model: str, stream: bool) -> None:
-    router = start_router(upstream_env(stub))
+    router = start_router({**upstream_env(stub), "ROUTER_NUM_RETRIES": "0"})  # one upstream call per request
     body = {"model": model, "messages": X, "temperature": 0, "stream": stream}
     for _ in range(3):
         post(router, body)

@@ -6,6 +6,7 @@ On SQLite and on Postgres (`registry_backend`)."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,9 @@ def test_same_name_other_target_adds_a_deployment(tmp_path: Path) -> None:
     (("m", "local", "http://x:1", "weight", "--rpm", "-5"), "rpm"),
     (("m", "local", "http://x:1", "weight", "--tpm", "-5"), "tpm"),
     (("m", "local", "http://x:1", "weight", "--timeout", "0"), "timeout"),
+    (("m", "local", "http://x:1", "weight", "--connect-timeout", "0"), "connect_timeout must be more than 0"),
+    (("m", "local", "http://x:1", "weight", "--first-token-timeout", "-1"), "first_token_timeout must be more than 0"),
+    (("m", "local", "http://x:1", "weight", "--idle-timeout", "0"), "idle_timeout must be more than 0"),
     (("m", "local", "http://x:1", "weight", "--context-window", "0"), "context window must be at least 1"),
     (("m", "local", "http://x:1", "weight", "--strategy", "fastest"), "unknown strategy 'fastest'"),
     (("m", "local", "http://x:1", "weight", "--key-env", "ROUTER_TEST_UNSET_KEY"), "ROUTER_TEST_UNSET_KEY"),
@@ -173,5 +177,98 @@ def test_database_from_before_groups_migrates_and_routes(tmp_path: Path, start_r
             ("old", "openai-127.0.0.1", "openai", stub.url, "api", None, "max_tokens", 1, 1.0)]
         answer = router.client().chat.completions.create(model="old", messages=[{"role": "user", "content": "x"}])
         assert answer.choices[0].message.content == "Hello from legacy" and answer.model == "old"
+    finally:
+        stub.stop()
+
+
+@pytest.mark.usefixtures("registry_backend")
+def test_set_fallbacks_chain_and_refusals(tmp_path: Path) -> None:
+    for name, port in (("a", 1), ("b", 2), ("c", 3)):
+        ok(tmp_path, "add-model", name, "local", f"http://127.0.0.1:{port}", "weight")
+    ok(tmp_path, "add-alias", "bb", "b")
+    out = ok(tmp_path, "set-fallbacks", "a", "bb", "c", "--content-policy")
+    assert "fallback chain: a -> b -> c" in out and "content-policy" in out
+    assert "fallback chain: b -> c" in ok(tmp_path, "set-fallbacks", "b", "c")
+    assert rows(tmp_path, "SELECT name, fallbacks, content_policy_fallbacks FROM model_groups ORDER BY name") == [
+        ("a", '["bb","c"]', True), ("b", '["c"]', False), ("c", None, False)]  # 1/0 in SQLite compare equal
+    assert "fallbacks: bb, c (content policy too)" in ok(tmp_path, "list-models")
+    before = db_digest(tmp_path)
+    for bad, fragment in (
+            (("set-fallbacks", "c", "a"), "fallbacks would loop: a -> b -> c -> a"),
+            (("set-fallbacks", "c", "c"), "cannot fall back to itself"),
+            (("set-fallbacks", "b", "bb"), "cannot fall back to itself (alias 'bb')"),
+            (("set-fallbacks", "c", "ghost"), "fallback 'ghost' of model 'c' is not a model or alias"),
+            (("set-fallbacks", "c", "a", "a"), "names fallback 'a' twice"),
+            (("set-fallbacks", "c", "b", "bb"), "names fallback 'b' twice ('b' and 'bb')"),
+            (("set-fallbacks", "ghost", "a"), "model 'ghost' is not in the registry"),
+            (("remove-model", "c"), "model 'c' is a fallback of 'a', 'b'"),  # like a foreign key
+            (("remove-model", "c", "--deployment", "local-127.0.0.1"), "is a fallback of"),  # its last deployment
+            (("remove-model", "b"), "model 'b' is a fallback of 'a'"),  # named through its alias
+            (("remove-alias", "bb"), "alias 'bb' is a fallback of 'a'"),
+            (("add-alias", "bb", "c"), "names fallback 'c' twice ('bb' and 'c')"),  # an alias moved
+            (("add-alias", "bb", "a"), "cannot fall back to itself")):
+        r = run_cli(tmp_path, *bad)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, (bad, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr, (bad, r.stderr)
+    assert db_digest(tmp_path) == before
+    # no names: cleared; the content-policy switch stays as it was unless given
+    assert "a: no fallbacks" in ok(tmp_path, "set-fallbacks", "a")
+    assert rows(tmp_path, "SELECT fallbacks, content_policy_fallbacks FROM model_groups WHERE name = 'a'") == [
+        (None, True)]
+    ok(tmp_path, "set-fallbacks", "a", "c", "--no-content-policy")
+    assert rows(tmp_path, "SELECT fallbacks, content_policy_fallbacks FROM model_groups WHERE name = 'a'") == [
+        ('["c"]', False)]
+    ok(tmp_path, "remove-alias", "bb")  # no longer named by anyone
+    ok(tmp_path, "set-fallbacks", "b")
+    ok(tmp_path, "remove-model", "b")
+    # the group's own fallbacks go with it; other commands on the group leave them alone
+    ok(tmp_path, "update-model", "a", "--strategy", "cost", "--rpm", "5")
+    ok(tmp_path, "add-model", "a", "local", "http://127.0.0.1:9", "weight", "--name", "two", "--strategy", "latency")
+    assert rows(tmp_path, "SELECT fallbacks FROM model_groups WHERE name = 'a'") == [('["c"]',)]
+    ok(tmp_path, "set-fallbacks", "c")
+    ok(tmp_path, "remove-model", "a")
+    ok(tmp_path, "remove-model", "c")
+    assert rows(tmp_path, "SELECT count(*) FROM model_groups") == [(0,)]
+
+
+@pytest.mark.usefixtures("registry_backend")
+def test_timeouts_per_deployment_set_cleared_and_validated(tmp_path: Path) -> None:
+    ok(tmp_path, "add-model", "m", "local", "http://127.0.0.1:1", "weight", "--timeout", "60",
+       "--connect-timeout", "2.5", "--first-token-timeout", "10", "--idle-timeout", "30")
+    query = "SELECT timeout, connect_timeout, first_token_timeout, idle_timeout FROM deployments"
+    assert rows(tmp_path, query) == [(60.0, 2.5, 10.0, 30.0)]
+    line = next(li for li in ok(tmp_path, "list-models").splitlines() if "local-127.0.0.1" in li)
+    assert "total 60 connect 2.5 first token 10 idle 30" in line
+    ok(tmp_path, "update-model", "m", "--connect-timeout", "0", "--idle-timeout", "5")  # 0: the setting's default
+    assert rows(tmp_path, query) == [(60.0, None, 10.0, 5.0)]
+    before = db_digest(tmp_path)
+    for flag in ("--connect-timeout", "--first-token-timeout", "--idle-timeout"):
+        r = run_cli(tmp_path, "update-model", "m", flag, "-1")
+        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"{flag[2:].replace('-', '_')} must be more than 0" in r.stderr, r.stderr
+    assert db_digest(tmp_path) == before
+    ok(tmp_path, "add-model", "n", "local", "http://127.0.0.1:2", "weight")  # none given: all NULL (the settings)
+    assert rows(tmp_path, query + " WHERE model_group = 'n'") == [(None, None, None, None)]
+
+
+def test_fallbacks_set_on_the_cli_reach_a_running_router(tmp_path: Path, start_router) -> None:
+    """The registry's fallbacks are what the router routes by: a group whose only deployment is down is
+    answered by its fallback once `set-fallbacks` names it, without a restart."""
+    from tests.support.processes import free_port
+
+    stub = OpenAIStub(name="backup").start()
+    try:
+        ok(tmp_path, "add-model", "main", "openai", f"http://127.0.0.1:{free_port()}", "api")  # nothing listens
+        ok(tmp_path, "add-model", "backup", "openai", stub.url, "api")
+        router = start_router({"REGISTRY_POLL_INTERVAL": "1", "LOCAL_AGENT_URL": ""})
+        body = {"model": "main", "messages": [{"role": "user", "content": "x"}]}
+        with router.http() as http:
+            assert http.post("/v1/chat/completions", json=body).status_code >= 500
+            ok(tmp_path, "set-fallbacks", "main", "backup")
+            deadline = time.monotonic() + 10
+            while (r := http.post("/v1/chat/completions", json=body)).status_code != 200:
+                assert time.monotonic() < deadline, r.text
+                time.sleep(0.2)
+        assert r.json()["choices"][0]["message"]["content"] == "Hello from backup"
     finally:
         stub.stop()

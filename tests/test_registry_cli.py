@@ -171,3 +171,45 @@ def test_refresh_anthropic_google_openrouter(tmp_path: Path) -> None:
     finally:
         for stub in (anthropic, gemini, openrouter):
             stub.stop()
+
+
+def test_version_5_database_migrates_keeping_its_data(tmp_path: Path) -> None:
+    """A registry written before fallbacks and per-deployment timeouts (schema 5) opens with every row kept;
+    the new columns start empty (no fallbacks, the settings' timeouts) and take values."""
+    from router.registry import MIGRATIONS, SCHEMA_VERSION
+
+    (tmp_path / "data").mkdir()
+    conn = sqlite3.connect(tmp_path / "data" / "models.db", isolation_level=None)
+    for migration in MIGRATIONS[:5]:
+        for stmt in migration:
+            if callable(stmt):
+                stmt(conn)
+            else:
+                conn.execute(stmt)
+    conn.execute("INSERT INTO model_groups (name, strategy, rpm, tpm, created_at, updated_at) "
+                 "VALUES ('old', 'latency', 60, NULL, 1, 2), ('spare', NULL, NULL, NULL, 3, 4)")
+    conn.execute("INSERT INTO deployments (model_group, name, type, endpoint, kind, timeout, max_parallel, weight, "
+                 "created_at, updated_at) VALUES ('old', 'gpu', 'local', 'http://127.0.0.1:5000', 'weight', 30, 4, "
+                 "2, 1, 2), ('spare', 'cpu', 'local', 'http://127.0.0.1:5001', 'weight', NULL, NULL, 1, 3, 4)")
+    conn.execute("INSERT INTO aliases (alias, model_group) VALUES ('o', 'old')")
+    conn.execute("PRAGMA user_version = 5")
+    conn.close()
+    r = run_cli(tmp_path, "export")
+    assert r.returncode == 0, r.stderr
+    conn = sqlite3.connect(tmp_path / "data" / "models.db")
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("SELECT name, strategy, rpm, created_at, updated_at, fallbacks, content_policy_fallbacks "
+                            "FROM model_groups ORDER BY name").fetchall() == [
+            ("old", "latency", 60, 1.0, 2.0, None, 0), ("spare", None, None, 3.0, 4.0, None, 0)]
+        assert conn.execute("SELECT name, timeout, max_parallel, weight, connect_timeout, first_token_timeout, "
+                            "idle_timeout FROM deployments ORDER BY name").fetchall() == [
+            ("cpu", None, None, 1.0, None, None, None), ("gpu", 30.0, 4, 2.0, None, None, None)]
+        assert conn.execute("SELECT alias, model_group FROM aliases").fetchall() == [("o", "old")]
+    finally:
+        conn.close()
+    assert "fallbacks" not in r.stdout and "strategy: latency" in r.stdout and "max_parallel: 4" in r.stdout
+    assert run_cli(tmp_path, "set-fallbacks", "spare", "o").returncode == 0
+    assert run_cli(tmp_path, "update-model", "old", "--idle-timeout", "9").returncode == 0
+    exported = run_cli(tmp_path, "export").stdout
+    assert "fallbacks:\n    - o\n" in exported and "idle_timeout: 9.0" in exported

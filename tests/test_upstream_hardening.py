@@ -72,14 +72,19 @@ def test_reused_connection_closed_before_answering_is_retried_on_a_fresh_one(sta
         upstream.stop()
 
 
-def test_fresh_connection_closed_before_answering_is_not_retried(start_router) -> None:
+@pytest.mark.parametrize("retries", [0, 2])
+def test_fresh_connection_closed_before_answering_is_not_retried_by_the_transport(start_router, retries: int) -> None:
+    """The client resends at once only on a *pooled* connection closed under it; a new connection that fails
+    is a real failure, which the dispatcher's attempt budget (1 + ROUTER_NUM_RETRIES) may try again."""
     upstream = ClosingKeepAliveServer(answer=0).start()
     try:
-        router = start_router({"OPENAI_BASE_URL": upstream.url, "EXTERNAL_OPENAI_KEY": UPSTREAM_KEY})
+        router = start_router({"OPENAI_BASE_URL": upstream.url, "EXTERNAL_OPENAI_KEY": UPSTREAM_KEY,
+                               "ROUTER_NUM_RETRIES": str(retries)})
         with router.http() as http:
             resp = chat(http, "gpt-4o")
         assert resp.status_code == 502 and error_code(resp) == "upstream_disconnected"
-        assert upstream.connections == 1 and upstream.dropped == 1
+        assert upstream.connections == 1 + retries and upstream.dropped == 1 + retries
+        assert resp.headers["x-router-attempts"] == str(1 + retries)
     finally:
         upstream.stop()
 
@@ -123,12 +128,12 @@ def test_huge_answer_is_refused_without_reading_it_all(hardened: RouterProcess, 
     assert time.monotonic() - started < 15
 
 
-def test_stream_line_beyond_the_bound_ends_the_stream_with_an_error(hardened: RouterProcess, stub: OpenAIStub) -> None:
+def test_stream_line_beyond_the_bound_before_any_content_is_a_502(hardened: RouterProcess, stub: OpenAIStub) -> None:
     with hardened.http() as http:
         resp = chat(http, "gpt-huge", stream=True)
-        assert resp.status_code == 200
-        assert len(resp.content) < 2 * LIMIT  # the unfinished line was never relayed
-        assert stream_error(resp)["code"] == "upstream_response_too_large"
+        # before any content: nothing was sent, so the client gets the error itself, not a 200 stream
+        assert resp.status_code == 502 and error_code(resp) == "upstream_response_too_large"
+        assert len(resp.content) < LIMIT  # the unfinished line was never relayed
         assert wait_for(stub.client_gone.is_set, 10) and stub.chunks_sent < 50
         normal = chat(http, "gpt-4o", stream=True)
     assert normal.status_code == 200 and normal.content.endswith(b"data: [DONE]\n\n")
@@ -192,7 +197,7 @@ def test_key_echoed_in_a_midstream_error_event_is_scrubbed(hardened: RouterProce
     assert resp.status_code == 200
     assert UPSTREAM_KEY.encode() not in resp.content
     assert UPSTREAM_KEY[: len(UPSTREAM_KEY) // 2 + 8].encode() not in resp.content  # nor half of it
-    error = orjson.loads(resp.content.split(b"\n\n")[1].removeprefix(b"data: "))["error"]
+    error = orjson.loads(resp.content.split(b"\n\n")[2].removeprefix(b"data: "))["error"]
     assert error == {"message": "key [redacted] was refused", "type": "[redacted]", "param": "[redacted]",
                      "code": "[redacted]"}
     assert resp.content.endswith(b"data: [DONE]\n\n")

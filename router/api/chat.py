@@ -10,6 +10,7 @@ Starlette route."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -26,10 +27,11 @@ from router.errors import RouterError
 from router.providers.base import ChatCall
 from router.routing.deployment import ModelGroup
 from router.state import RouterState
-from router.upstream import SSEResponse
+from router.upstream import DISCONNECTS, Disconnects, SSEResponse
 
 log = logging.getLogger("router.chat")
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+NO_ATTEMPTS = (b"x-router-attempts", b"0")  # a cache hit: no upstream was asked
 
 
 # A body over the limit is read and thrown away (at most this much more, within the body deadline) before the
@@ -139,6 +141,9 @@ def parse_object(body: bytes) -> dict[str, Any]:
 def parse_chat(body: bytes) -> ChatCall:
     payload = parse_object(body)
     model = payload.get("model")
+    if model is None and "models" in payload:  # OpenRouter: the list alone names the model, then the fallbacks
+        listed = payload["models"]
+        model = listed[0] if isinstance(listed, list) and listed else None
     if not isinstance(model, str) or not model.strip():
         msg = "you must provide a model parameter" if model is None else "'model' must be a non-empty string"
         raise RouterError(400, msg, param="model",
@@ -185,11 +190,12 @@ async def chat_completions(state: RouterState, scope: Scope, receive: Receive, s
         model = metrics.model_label(call.model)
         provider_name = deployments[0].type if len(deployments) == 1 else "routed"
         allowed(client, call.model, name)
+        then = alternatives(state, client, call) if "models" in call.payload else ()
         metrics.client(client.label)
         # the group's own limits count every name it goes by
         limit_headers = await state.limiter.check(
             client, call if name == call.model else dataclasses.replace(call, model=name))
-        response = await answer(state, client, group, name, call, scope)
+        response = await answer_unless_gone(state, client, group, name, call, scope, then)
     except RouterError as exc:
         response = exc.response()
     except Exception:
@@ -221,19 +227,77 @@ def allowed(client: Client, model: str, group: str) -> None:
     check_model(client, group)
 
 
+MAX_MODELS = 8  # models a request may list (OpenRouter's `models`: the model, then its fallbacks)
+
+
+def alternatives(state: RouterState, client: Client, call: ChatCall) -> tuple[ModelGroup, ...]:
+    """The groups OpenRouter's `models` list names after the request's model, in order: each must exist and
+    be allowed to the client's key (404 / 403 otherwise, as for `model`)."""
+    listed = call.payload["models"]
+    if (not isinstance(listed, list) or not listed or len(listed) > MAX_MODELS
+            or not all(isinstance(m, str) and m.strip() for m in listed)):
+        raise RouterError(400, f"'models' must be an array of 1 to {MAX_MODELS} model names.", param="models",
+                          code="invalid_value")
+    out: list[ModelGroup] = []
+    for name in listed:
+        if name == call.model:
+            continue
+        group = state.routes.resolve(name)
+        allowed(client, name, group.name or name)
+        out.append(group)
+    return tuple(out)
+
+
+async def answer_unless_gone(state: RouterState, client: Client, group: ModelGroup, name: str, call: ChatCall,
+                             scope: Scope, then: tuple[ModelGroup, ...]) -> Response | SSEResponse:
+    """`answer`, cancelled as soon as the client's connection is lost (the server's `Disconnects`): the upstream
+    call is given up instead of running to its end for nobody (a stream's relay watches on its own later)."""
+    disconnects: Disconnects | None = (scope.get("extensions") or {}).get(DISCONNECTS, {}).get("connection")
+    if disconnects is None:
+        return await answer(state, client, group, name, call, scope, then)
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    def client_left() -> None:
+        nonlocal gone
+        if not gone:
+            gone = True
+            task.cancel()
+
+    disconnects.callbacks.append(client_left)
+    try:
+        if disconnects.lost:
+            client_left()
+        return await answer(state, client, group, name, call, scope, then)
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        task.uncancel()  # our own cancellation, for a client that left: not an error
+        raise _client_left() from None
+    finally:
+        disconnects.callbacks.remove(client_left)
+
+
+def _client_left() -> RouterError:
+    return RouterError(499, "The client closed the connection before the answer was ready.",
+                       code="client_closed_request")
+
+
 async def answer(state: RouterState, client: Client, group: ModelGroup, name: str, call: ChatCall,
-                 scope: Scope) -> Response | SSEResponse:
+                 scope: Scope, then: tuple[ModelGroup, ...] = ()) -> Response | SSEResponse:
     """From the cache when it may and can (no deployment is involved then), else from one of the group's
-    deployments (and stored when it may)."""
+    deployments, or of the groups after it (and stored when it may)."""
     read, write = state.cache.policy(call, scope)
     if not (read or write):
-        return await state.dispatcher.send(group, call, client)
+        return await state.dispatcher.send(group, call, client, then)
     key = state.cache.key(client, name, call)
     if read:
         cached = await state.cache.lookup(key, call)
         if cached is not None:
+            cached.raw_headers.append(NO_ATTEMPTS)
             return cached
-    response = await state.dispatcher.send(group, call, client)
+    response = await state.dispatcher.send(group, call, client, then)
     if write:
         state.cache.record(key, response)
     return response

@@ -30,10 +30,14 @@ from router.registry.model import (
     RegistryError,
     Snapshot,
     default_deployment_name,
+    fallback_chain,
+    fallback_referrers,
     group_limits,
     hash_key,
     strategy_names,
     validate_deployment,
+    validate_fallback_graph,
+    validate_fallbacks,
     validate_group_name,
     validate_strategy,
     validate_url,
@@ -49,8 +53,9 @@ __all__ = [
     "MAX_TOKENS_PARAMS", "MIGRATIONS", "MODEL_KINDS", "MODEL_TYPES", "RESERVED_TOKEN_NAMES", "SCHEMA_VERSION",
     "AgentEntry", "AgentNameTaken", "AgentToken", "ClientKey", "Connection", "DeploymentEntry", "GroupEntry",
     "RegistryError", "RegistryStore", "RegistryUnavailable", "Snapshot", "SqliteStore", "default_deployment_name",
-    "group_limits", "hash_key", "open_store", "strategy_names", "transaction", "validate_deployment",
-    "validate_group_name", "validate_strategy", "validate_url",
+    "fallback_chain", "fallback_referrers", "group_limits", "hash_key", "open_store", "strategy_names", "transaction",
+    "validate_deployment",
+    "validate_fallback_graph", "validate_fallbacks", "validate_group_name", "validate_strategy", "validate_url",
 ]
 
 

@@ -7,7 +7,7 @@ import hashlib
 import importlib
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -104,6 +104,8 @@ class GroupEntry:
     tpm: int | None
     created_at: float
     updated_at: float
+    fallbacks: tuple[str, ...] = ()  # groups (or aliases) tried in order once its own deployments are exhausted
+    content_policy_fallbacks: bool = False  # a content-policy refusal goes to the fallbacks too
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +134,10 @@ class DeploymentEntry:
     created_at: float
     updated_at: float
     max_parallel: int | None = None  # requests served at once before queueing; None: by type (routing/table.py)
+    # seconds (None: the UPSTREAM_* setting): to connect, to a stream's first content, between stream chunks
+    connect_timeout: float | None = None
+    first_token_timeout: float | None = None
+    idle_timeout: float | None = None
 
     def values(self) -> dict[str, Any]:
         """The editable fields (DEPLOYMENT_FIELDS) as a dict."""
@@ -141,12 +147,13 @@ class DeploymentEntry:
 #: a deployment's editable fields, in file and table order
 DEPLOYMENT_FIELDS = ("name", "type", "endpoint", "kind", "upstream_model", "key_env", "input_price",
                      "output_price", "context_window", "weight", "rpm", "tpm", "timeout", "enabled",
-                     "max_tokens_param", "max_parallel")
+                     "max_tokens_param", "max_parallel", "connect_timeout", "first_token_timeout", "idle_timeout")
 DEPLOYMENT_DEFAULTS: dict[str, Any] = {"name": None, "kind": None, "upstream_model": None, "key_env": None,
                                        "input_price": None,
                                        "output_price": None, "context_window": None, "weight": 1.0, "rpm": None,
                                        "tpm": None, "timeout": None, "enabled": True, "max_tokens_param": None,
-                                       "max_parallel": None}
+                                       "max_parallel": None, "connect_timeout": None,
+                                       "first_token_timeout": None, "idle_timeout": None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,7 +270,78 @@ def validate_deployment(group: str, values: Mapping[str, Any], check_env: bool =
                             f"provider's default), got {v['max_tokens_param']!r}")
     out["max_tokens_param"] = v["max_tokens_param"]
     out["max_parallel"] = _number(v["max_parallel"], "max_parallel", integer=True, minimum=1)
+    for f in ("connect_timeout", "first_token_timeout", "idle_timeout"):
+        out[f] = _number(v[f], f, strict=True)
     return {f: out[f] for f in DEPLOYMENT_FIELDS}
+
+
+def validate_fallbacks(names: object) -> tuple[str, ...]:
+    """A group's fallbacks as given (a list of names), each checked as a name; the graph is checked apart."""
+    if names is None:
+        return ()
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise RegistryError(f"fallbacks must be a list of model names, got {names!r}")
+    return tuple(validate_group_name(n, "fallback") for n in names)
+
+
+def validate_fallback_graph(fallbacks: Mapping[str, Sequence[str]], aliases: Mapping[str, str]) -> None:
+    """Every group's fallbacks (`fallbacks`: group -> names, `aliases`: alias -> group) name existing groups or
+    aliases, never the group itself, none twice, and they never loop back (A -> B -> A); the first problem
+    as a one-line RegistryError."""
+    edges: dict[str, list[str]] = {}
+    for group in sorted(fallbacks):
+        seen: dict[str, str] = {}
+        for name in fallbacks[group]:
+            target = aliases.get(name, name)
+            if target not in fallbacks:
+                raise RegistryError(f"fallback {name!r} of model {group!r} is not a model or alias in the registry")
+            if target == group:
+                raise RegistryError(f"model {group!r} cannot fall back to itself"
+                                    + (f" (alias {name!r})" if name != group else ""))
+            if target in seen:
+                raise RegistryError(f"model {group!r} names fallback {target!r} twice ({seen[target]!r} and "
+                                    f"{name!r})" if seen[target] != name else
+                                    f"model {group!r} names fallback {name!r} twice")
+            seen[target] = name
+        edges[group] = list(seen)
+    state: dict[str, int] = {}  # 1: on the current path, 2: done (no loop through it)
+    for start in sorted(edges):
+        if state.get(start):
+            continue
+        path, stack = [start], [iter(edges[start])]
+        state[start] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                loop = path[path.index(nxt):] + [nxt]
+                raise RegistryError(f"fallbacks would loop: {' -> '.join(loop)}")
+            elif not state.get(nxt):
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(edges[nxt]))
+
+
+def fallback_chain(group: str, fallbacks: Mapping[str, Sequence[str]], aliases: Mapping[str, str]) -> list[str]:
+    """The groups a request for `group` may reach, in the order the dispatcher tries them (the group, then
+    each exhausted group's fallbacks in turn, each group once)."""
+    chain, i = [group], 0
+    while i < len(chain):
+        for name in fallbacks.get(chain[i], ()):
+            target = aliases.get(name, name)
+            if target not in chain:
+                chain.append(target)
+        i += 1
+    return chain
+
+
+def fallback_referrers(names: Iterable[str], fallbacks: Mapping[str, Sequence[str]],
+                       exclude: str | None = None) -> list[str]:
+    """The groups (other than `exclude`) whose fallbacks name any of `names`."""
+    wanted = set(names)
+    return [g for g in sorted(fallbacks) if g != exclude and wanted.intersection(fallbacks[g])]
 
 
 def group_limits(rpm: object, tpm: object) -> tuple[int | None, int | None]:

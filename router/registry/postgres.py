@@ -115,6 +115,13 @@ MIGRATIONS: list[list[str]] = [
     ],
     # requests a deployment serves at once before it queues them (a local server's batch; NULL: by type)
     ["ALTER TABLE deployments ADD COLUMN max_parallel BIGINT"],
+    # fallbacks: a JSON array of the groups (or aliases) tried once the group's deployments are exhausted
+    # (NULL: none), and whether content-policy refusals go to them; timeouts per deployment (NULL: the setting)
+    ["ALTER TABLE model_groups ADD COLUMN fallbacks TEXT",
+     "ALTER TABLE model_groups ADD COLUMN content_policy_fallbacks BOOLEAN NOT NULL DEFAULT false",
+     f"ALTER TABLE deployments ADD COLUMN connect_timeout {_TS}",
+     f"ALTER TABLE deployments ADD COLUMN first_token_timeout {_TS}",
+     f"ALTER TABLE deployments ADD COLUMN idle_timeout {_TS}"],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

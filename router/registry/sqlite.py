@@ -126,6 +126,15 @@ MIGRATIONS.append([
     # requests a deployment serves at once before it queues them (a local server's batch; NULL: by type)
     "ALTER TABLE deployments ADD COLUMN max_parallel INTEGER",
 ])
+MIGRATIONS.append([
+    # fallbacks: a JSON array of the groups (or aliases) tried once the group's deployments are exhausted
+    # (NULL: none), and whether content-policy refusals go to them; timeouts per deployment (NULL: the setting)
+    "ALTER TABLE model_groups ADD COLUMN fallbacks TEXT",
+    "ALTER TABLE model_groups ADD COLUMN content_policy_fallbacks INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE deployments ADD COLUMN connect_timeout REAL",
+    "ALTER TABLE deployments ADD COLUMN first_token_timeout REAL",
+    "ALTER TABLE deployments ADD COLUMN idle_timeout REAL",
+])
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

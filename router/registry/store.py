@@ -33,9 +33,13 @@ from router.registry.model import (
     RegistryError,
     Snapshot,
     default_deployment_name,
+    fallback_chain,
+    fallback_referrers,
     group_limits,
     hash_key,
     validate_deployment,
+    validate_fallback_graph,
+    validate_fallbacks,
     validate_group_name,
     validate_strategy,
 )
@@ -145,7 +149,9 @@ class RegistryStore(ABC):
 
     _DEPLOYMENT_COLUMNS = ("id, model_group, name, type, endpoint, kind, upstream_model, key_env, input_price, "
                            "output_price, context_window, weight, rpm, tpm, timeout, enabled, max_tokens_param, "
-                           "created_at, updated_at, max_parallel")
+                           "created_at, updated_at, max_parallel, connect_timeout, first_token_timeout, "
+                           "idle_timeout")
+    _GROUP_COLUMNS = "name, strategy, rpm, tpm, created_at, updated_at, fallbacks, content_policy_fallbacks"
 
     def load(self, conn: Connection) -> Snapshot:
         """The whole registry, read in one transaction (a consistent snapshot)."""
@@ -160,18 +166,24 @@ class RegistryStore(ABC):
     _AGENT_COLUMNS = "name, endpoint, models, registered_at, last_heartbeat, token_name"
 
     @staticmethod
-    def load_groups(conn: Connection) -> list[GroupEntry]:
-        return [GroupEntry(*row) for row in conn.execute(
-            "SELECT name, strategy, rpm, tpm, created_at, updated_at FROM model_groups ORDER BY name")]
+    def _group(row: tuple[Any, ...]) -> GroupEntry:
+        name, strategy, rpm, tpm, created, updated, fallbacks, content_policy = row
+        return GroupEntry(name, strategy, rpm, tpm, created, updated,
+                          tuple(orjson.loads(fallbacks)) if fallbacks else (), bool(content_policy))
+
+    def load_groups(self, conn: Connection) -> list[GroupEntry]:
+        return [self._group(row) for row in conn.execute(
+            f"SELECT {self._GROUP_COLUMNS} FROM model_groups ORDER BY name")]
 
     def load_deployments(self, conn: Connection, group: str | None = None) -> list[DeploymentEntry]:
         where, args = ("WHERE model_group = ?", (group,)) if group is not None else ("", ())
         rows = conn.execute(f"SELECT {self._DEPLOYMENT_COLUMNS} FROM deployments {where} ORDER BY model_group, id",
                             args)
         return [DeploymentEntry(id, group_, name, type, endpoint, kind, upstream, key_env, inp, outp, ctx, weight,
-                                rpm, tpm, timeout, bool(enabled), param, created, updated, parallel)
+                                rpm, tpm, timeout, bool(enabled), param, created, updated, parallel, connect, first,
+                                idle)
                 for (id, group_, name, type, endpoint, kind, upstream, key_env, inp, outp, ctx, weight, rpm, tpm,
-                     timeout, enabled, param, created, updated, parallel) in rows]
+                     timeout, enabled, param, created, updated, parallel, connect, first, idle) in rows]
 
     @staticmethod
     def load_aliases(conn: Connection) -> dict[str, str]:
@@ -205,11 +217,9 @@ class RegistryStore(ABC):
 
     # -- groups and deployments: primitives (the caller holds a transaction) -----------------------
 
-    @staticmethod
-    def group(conn: Connection, name: str) -> GroupEntry | None:
-        row = conn.execute("SELECT name, strategy, rpm, tpm, created_at, updated_at FROM model_groups "
-                           "WHERE name = ?", (name,)).fetchone()
-        return GroupEntry(*row) if row is not None else None
+    def group(self, conn: Connection, name: str) -> GroupEntry | None:
+        row = conn.execute(f"SELECT {self._GROUP_COLUMNS} FROM model_groups WHERE name = ?", (name,)).fetchone()
+        return self._group(row) if row is not None else None
 
     def put_group(self, conn: Connection, name: str, strategy: str | None, rpm: int | None,
                   tpm: int | None, now: float) -> None:
@@ -223,6 +233,24 @@ class RegistryStore(ABC):
                      "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET strategy = excluded.strategy, "
                      "rpm = excluded.rpm, tpm = excluded.tpm, updated_at = excluded.updated_at",
                      (name, strategy, rpm, tpm, now, now))
+
+    @staticmethod
+    def put_fallbacks(conn: Connection, name: str, fallbacks: Sequence[str], content_policy: bool,
+                      now: float) -> None:
+        """Set an existing group's fallbacks (checked as a whole by `check_fallbacks`, at the end of the
+        transaction: a file may name a group it adds later)."""
+        conn.execute("UPDATE model_groups SET fallbacks = ?, content_policy_fallbacks = ?, updated_at = ? "
+                     "WHERE name = ?", (orjson.dumps(list(fallbacks)).decode() if fallbacks else None,
+                                        bool(content_policy), now, name))
+
+    def fallback_graph(self, conn: Connection) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+        """Every group's fallbacks, and the aliases (alias -> group) they may name."""
+        return {g.name: g.fallbacks for g in self.load_groups(conn)}, self.load_aliases(conn)
+
+    def check_fallbacks(self, conn: Connection) -> None:
+        """RegistryError unless every stored fallback names a group or alias, not its own group, once, and no
+        chain of fallbacks loops (validate_fallback_graph); the caller's transaction then writes nothing."""
+        validate_fallback_graph(*self.fallback_graph(conn))
 
     def put_deployment(self, conn: Connection, group: str, values: Mapping[str, Any], now: float,
                        id: int | None = None) -> None:
@@ -333,21 +361,55 @@ class RegistryStore(ABC):
         with its last one). False when there was nothing to remove."""
         with transaction(conn):
             if deployment is None:
+                self._refuse_if_fallback(conn, name)
                 return self.delete_group(conn, name)
             target = next((d for d in self.load_deployments(conn, name) if d.name == deployment), None)
             if target is None:
                 return False
             self.delete_deployment(conn, target.id)
             if not self.load_deployments(conn, name):
+                self._refuse_if_fallback(conn, name)
                 self.delete_group(conn, name)
             return True
+
+    def _refuse_if_fallback(self, conn: Connection, group: str, alias: str | None = None) -> None:
+        """RegistryError when another group names `group` (or one of its aliases; only `alias` when given) as
+        a fallback: a removal must not leave a dangling name, as with a foreign key."""
+        fallbacks, aliases = self.fallback_graph(conn)
+        names = [alias] if alias is not None else [group, *(a for a, g in aliases.items() if g == group)]
+        referrers = fallback_referrers(names, fallbacks, exclude=group)
+        if referrers:
+            what = f"alias {alias!r}" if alias is not None else f"model {group!r}"
+            raise RegistryError(f"{what} is a fallback of {', '.join(map(repr, referrers))}; change "
+                                f"{'its' if len(referrers) == 1 else 'their'} fallbacks first (router set-fallbacks)")
+
+    def set_fallbacks(self, conn: Connection, group: str, fallbacks: Sequence[str] | None,
+                      content_policy: bool | None = None) -> list[str]:
+        """Set a group's fallbacks (None: unchanged; empty: none) and whether content-policy refusals go to
+        them (None: unchanged), all checked; the chain a request for the group may now follow."""
+        names = validate_fallbacks(list(fallbacks)) if fallbacks is not None else None
+        with transaction(conn):
+            old = self.group(conn, group)
+            if old is None:
+                raise RegistryError(f"model {group!r} is not in the registry")
+            self.put_fallbacks(conn, group, old.fallbacks if names is None else names,
+                               old.content_policy_fallbacks if content_policy is None else content_policy,
+                               time.time())
+            graph, aliases = self.fallback_graph(conn)
+            validate_fallback_graph(graph, aliases)
+        return fallback_chain(group, graph, aliases)
 
     def add_alias(self, conn: Connection, alias: str, group: str) -> None:
         with transaction(conn):
             self.put_alias(conn, alias, group)
+            self.check_fallbacks(conn)  # an alias moved to another group must not make a fallback loop
 
     def remove_alias(self, conn: Connection, alias: str) -> bool:
-        return self.delete_alias(conn, alias)
+        with transaction(conn):
+            group = self.load_aliases(conn).get(alias)
+            if group is not None:
+                self._refuse_if_fallback(conn, group, alias)
+            return self.delete_alias(conn, alias)
 
     def set_model_limits(self, conn: Connection, name: str, rpm: int | None, tpm: int | None) -> bool:
         """The group's own limits, across all clients (0 or None: none)."""

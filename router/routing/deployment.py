@@ -53,6 +53,11 @@ class Deployment:
     #: requests it serves at once before queueing them (a local server's batch); inf: unlimited (a hosted
     #: API); the registry's `max_parallel`, else 1 for local types and inf for hosted ones
     max_parallel: float = math.inf
+    first_token_timeout: float | None = None  # seconds to a stream's first content (None: the setting's)
+    #: the upstream client's timeouts for one request (aiohttp.ClientTimeout: total, connect, and for streams
+    #: the idle time between chunks), built once with the table; None: the client's defaults
+    request_timeout: object = None
+    stream_timeout: object = None
     #: False while it may not take traffic (an agent whose heartbeats lapsed); None: always healthy
     live: Callable[[], bool] | None = field(default=None, repr=False)
 
@@ -75,6 +80,8 @@ class ModelGroup:
     strategy: Strategy
     rpm: int | None = None  # the group's own limits, across all clients (the rate limiter's model limits)
     tpm: int | None = None
+    fallbacks: tuple[str, ...] = ()  # groups tried in order once its own deployments are exhausted
+    content_policy_fallbacks: bool = False  # a content-policy refusal goes to the fallbacks too
 
 
 @dataclass(slots=True)

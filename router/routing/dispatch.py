@@ -7,34 +7,47 @@ the body for every upstream but `openrouter`; lets the strategy choose; moves a 
 is over `ROUTER_COST_THRESHOLD` to a healthy local deployment; rewrites the body for the deployment (its
 `max_tokens_param`, its upstream model name) and the answer back (the public name); records the attempt in
 the deployment's statistics exactly once (errors, streams and clients that leave included); and marks every
-answer with `x-router-deployment`. A deployment that could not be reached before answering
-(`upstream.NOT_ANSWERED`) is skipped for the next candidate. Nothing is computed that the request does not
-need: a single deployment without limits or context window costs a few attribute reads.
+answer with `x-router-deployment` and `x-router-attempts`.
+
+Failures (`classify`): a deployment fault (unreachable, timed out, 5xx, 429, overloaded) moves the request to
+the next best deployment of its group not tried yet, then to the group's fallbacks (and before them the
+client's own `models` list), at most `1 + ROUTER_NUM_RETRIES` attempts in all; the same deployment is tried
+again, after a backoff with jitter or its Retry-After (capped), only when it is its group's one. A context
+length failure goes only to groups with a larger window; a content-policy refusal only when the group
+allows it; the client's own mistakes (400, 401, 403, 404, 422) are never retried. A stream counts as
+answered once its first content arrives (read ahead, within the first-token timeout), so a failure before
+then is retried as transparently as a non-stream's; after it, the relay ends the stream with an error event.
+Each attempt runs under its deployment's timeouts (`upstream.attempt_timeout`). Nothing is computed that the
+request does not need: a single deployment without limits or context window costs a few attribute reads.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
+import re
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from starlette.responses import Response
 
-from router.auth import Client
+from router.auth import Client, check_model
 from router.config import Settings
 from router.errors import RouterError
 from router.ratelimit import Limit, LocalLimiter
 from router.providers.base import ChatCall
 from router.routing.deployment import Deployment, ModelGroup, RequestFacts, Strategy
 from router.routing.estimate import output_tokens, prompt_tokens
-from router.routing.stats import DeploymentStats
 from router.routing.strategies import SORTS, build_strategy, queueing
-from router.upstream import NOT_ANSWERED, SSEResponse, close_source
+from router.upstream import NOT_ANSWERED, SSEResponse, attempt_timeout, close_source
 
 HEADER_NAME = "x-router-deployment"
 HEADER = HEADER_NAME.encode()
+ATTEMPTS_NAME = "x-router-attempts"  # upstream attempts the answer took (every answer that was routed)
+ATTEMPTS = ATTEMPTS_NAME.encode()
 _OTHER_LIMIT = {"max_tokens": "max_completion_tokens", "max_completion_tokens": "max_tokens"}
 USD_PER_THRESHOLD_UNIT = 1e-5  # ROUTER_COST_THRESHOLD counts thousandths of a US cent
 
@@ -114,67 +127,244 @@ def _matches(d: Deployment, names: tuple[str, ...]) -> bool:
     return d.id.lower() in names or d.type in names
 
 
-class _Timed:
-    """A stream's body iterator that reports its first chunk as the deployment's time to first token."""
+class _Replayed:
+    """A stream whose first chunks were read ahead (to see the first content arrive, or an error instead),
+    then the rest as it comes."""
 
-    __slots__ = ("source", "stats", "started", "clock", "queueing", "waiting")
+    __slots__ = ("head", "source")
 
-    def __init__(self, source: AsyncIterator[bytes], stats: DeploymentStats, started: float,
-                 clock: Callable[[], float], queueing: float) -> None:
-        self.source, self.stats, self.started, self.clock, self.queueing = source, stats, started, clock, queueing
-        self.waiting = True
+    def __init__(self, head: list[bytes], source: AsyncIterator[bytes]) -> None:
+        self.head, self.source = head, source
 
-    def __aiter__(self) -> _Timed:
+    def __aiter__(self) -> _Replayed:
         return self
 
     async def __anext__(self) -> bytes:
-        chunk = await self.source.__anext__()
-        if self.waiting:
-            self.waiting = False
-            now = self.clock()
-            self.stats.first_byte((now - self.started) / self.queueing, now)
-        return chunk
+        if self.head:
+            return self.head.pop(0)
+        return await self.source.__anext__()
 
     async def aclose(self) -> None:
         await close_source(self.source)
 
 
+#: what marks an OpenAI-format chunk as carrying the answer: text, a tool call, a refusal, the end
+_CONTENT = re.compile(rb'"(?:content|reasoning_content|refusal)"\s*:\s*"[^"]|"tool_calls"\s*:\s*\[\s*\{'
+                      rb'|"finish_reason"\s*:\s*"|\[DONE\]')
+_READ_AHEAD_LIMIT = 64 * 1024  # bytes read ahead before the first content at most (then it is sent as it is)
+
+
+async def _first_content(response: SSEResponse) -> None:
+    """Read `response`'s stream up to its first content, and keep what was read for the client; raise the
+    failure instead when the stream reports one (an error event, a broken or truncated stream) before any
+    content: nothing has been sent, so another deployment may answer. (A stream's role-only first chunk is
+    not content: a failure right after it is still transparent.)"""
+    source = response.body_iterator
+    head: list[bytes] = []
+    size = 0
+    async for chunk in _iterate(source):
+        if b'"error"' in chunk:
+            failure = response.failure or stream_error(chunk)
+            if failure is not None:
+                await close_source(source)
+                raise failure
+        head.append(chunk)
+        size += len(chunk)
+        if _CONTENT.search(chunk) is not None or size > _READ_AHEAD_LIMIT:
+            break
+    response.body_iterator = _Replayed(head, source)
+
+
+async def _iterate(source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """`source`'s chunks, without closing it when the loop stops early."""
+    while True:
+        try:
+            yield await source.__anext__()
+        except StopAsyncIteration:
+            return
+
+
+def stream_error(chunk: bytes) -> RouterError | None:
+    """The error an upstream put in its stream (`data: {"error": {...}}`), as a RouterError; None: none."""
+    for line in chunk.splitlines():
+        if not line.startswith(b"data:") or b'"error"' not in line:
+            continue
+        try:
+            event = orjson.loads(line[5:])
+        except orjson.JSONDecodeError:
+            continue
+        error = event.get("error") if isinstance(event, dict) else None
+        if not isinstance(error, dict):
+            continue
+        message = str(error.get("message") or "the upstream reported an error in its stream")
+        code = error.get("code")
+        code = str(code) if code is not None else None
+        status = error.get("status") if isinstance(error.get("status"), int) else None
+        if status is None:
+            status = 400 if code == "context_length_exceeded" or _context_text(message) else 502
+        return RouterError(status, message, code=code or "upstream_error",
+                           type=str(error["type"]) if isinstance(error.get("type"), str) else None)
+    return None
+
+
+def _context_text(message: str) -> bool:
+    low = message.lower()
+    return any(s in low for s in ("context length", "context window", "maximum context", "too many tokens",
+                                  "prompt is too long", "exceeds the context"))
+
+
+class Failure:
+    """What one failed attempt says: whether it is the deployment's fault, and where the request may go next."""
+
+    __slots__ = ("error", "kind", "deployment_fault", "retry_other", "retry_same", "retry_after")
+
+    def __init__(self, error: RouterError, kind: str, deployment_fault: bool, retry_other: bool,
+                 retry_same: bool = False, retry_after: float | None = None) -> None:
+        self.error, self.kind = error, kind
+        self.deployment_fault, self.retry_other, self.retry_same = deployment_fault, retry_other, retry_same
+        self.retry_after = retry_after
+
+
+def classify(error: RouterError) -> Failure:
+    """The kind of failure a RouterError from an attempt is (the client's own mistakes are never retried)."""
+    status, code = error.status, error.code or ""
+    if status == 508 or code == "loop_detected":  # a route back here: trying again would loop again
+        return Failure(error, "loop", False, False)
+    if code in NOT_ANSWERED or code in ("upstream_timeout", "upstream_first_token_timeout", "upstream_error",
+                                        "upstream_stream_truncated"):
+        return Failure(error, "unavailable", True, True, True)
+    if code in ("upstream_bad_response", "upstream_response_too_large"):  # it would answer the same again
+        return Failure(error, "bad_response", True, True)
+    if status == 429 or status == 529 or code in ("overloaded_error", "rate_limit_exceeded"):
+        after = _retry_after((error.headers or {}).get("retry-after") or (error.headers or {}).get("Retry-After"))
+        return Failure(error, "rate_limited" if status == 429 else "overloaded", True, True, True, after)
+    if code == "context_length_exceeded" or (status == 400 and _context_text(error.message)):
+        return Failure(error, "context_length", False, True)
+    if code in ("content_policy_violation", "content_filter") or "content policy" in error.message.lower():
+        return Failure(error, "content_policy", False, False)
+    if status >= 500:
+        return Failure(error, "server_error", True, True, True)
+    return Failure(error, "bad_request", False, False)
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+class _Request:
+    """One request's way through its groups and their deployments: attempts made, what failed and why."""
+
+    __slots__ = ("call", "steer", "strip", "attempts", "tried", "skipped", "last", "too_long", "limited", "facts",
+                 "needs_larger")
+
+    def __init__(self, call: ChatCall, steer: Steering | None, strip: bool) -> None:
+        self.call, self.steer, self.strip = call, steer, strip
+        self.attempts = 0
+        self.tried: list[str] = []  # each failed attempt, for the final error
+        self.skipped: list[str] = []  # each deployment left out, and why
+        self.last: Failure | None = None
+        self.too_long = self.limited = 0
+        self.facts: RequestFacts | None = None
+        self.needs_larger: int | None = None  # after a context-length failure: the window that was too small
+
+
 class Dispatcher:
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic,
+                 resolve: Callable[[str], ModelGroup] | None = None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, rng: random.Random | None = None) -> None:
         self.clock = clock
         self.threshold = settings.router_cost_threshold * USD_PER_THRESHOLD_UNIT  # USD; 0: no rule
         self.sorts: dict[str, Strategy] = {sort: build_strategy(name, settings) for sort, name in SORTS.items()}
         #: deployments' own rpm/tpm, keyed by group and id (the same across route-table rebuilds)
         self._limits = LocalLimiter()
+        self.attempt_limit = 1 + settings.router_num_retries
+        self.retry_after_cap = settings.router_retry_after_cap
+        self.first_token_timeout = settings.upstream_first_token_timeout
+        self.resolve = resolve  # a group's fallbacks by name (None: fallbacks are not followed)
+        self.sleep = sleep
+        self.rng = rng or random.Random()
 
-    async def send(self, group: ModelGroup, call: ChatCall, client: Client | None = None) -> Response | SSEResponse:
-        """The answer of one of `group`'s deployments (`client`: who asks; its allow-list was checked on the
-        group, so every deployment of an allowed group is allowed)."""
-        payload = call.payload
-        raw_steer = payload.get("provider")
+    async def send(self, group: ModelGroup, call: ChatCall, client: Client | None = None,
+                   then: Sequence[ModelGroup] = ()) -> Response | SSEResponse:
+        """The answer of one of `group`'s deployments, or of the groups after it: `then` (the client's own
+        `models` list), then each group's fallbacks. A deployment fault moves the request to the next best
+        deployment not tried yet, at most `1 + ROUTER_NUM_RETRIES` attempts in all; the same deployment is
+        tried again (after a backoff) only when it is its group's one. `client`'s allow-list was checked on
+        `group` and `then`; fallbacks it does not allow are passed over."""
+        raw_steer = call.payload.get("provider")
         steer = Steering.parse(raw_steer) if raw_steer is not None else None
-        facts: RequestFacts | None = None
+        req = _Request(call, steer, raw_steer is not None or "models" in call.payload)
+        queue = [group, *then]
+        seen = {id(g) for g in queue}
+        i = 0
+        while i < len(queue) and req.attempts < self.attempt_limit:
+            g = queue[i]
+            i += 1
+            if req.needs_larger is not None and not _larger(g, req.needs_larger):
+                req.skipped.append(f"model {g.name or call.model}: context window not larger")
+                continue
+            last = i == len(queue) and not g.fallbacks  # nothing after it: its one deployment may be tried again
+            response = await self._group(g, req if g is group else self._moved(req, g, group), last)
+            if response is not None:
+                response.raw_headers.append((ATTEMPTS, str(req.attempts).encode()))
+                return response
+            for name in g.fallbacks:  # this group is exhausted: its fallbacks next, in order
+                fallback = self._fallback(name, client)
+                if fallback is not None and id(fallback) not in seen:
+                    seen.add(id(fallback))
+                    queue.append(fallback)
+        raise self._final(group, req)
+
+    def _fallback(self, name: str, client: Client | None) -> ModelGroup | None:
+        if self.resolve is None:
+            return None
+        try:
+            g = self.resolve(name)
+            if client is not None:
+                check_model(client, g.name or name)
+        except RouterError:  # gone from the registry, or not this key's: passed over
+            return None
+        return g
+
+    @staticmethod
+    def _moved(req: _Request, g: ModelGroup, first: ModelGroup) -> _Request:
+        """`req` bound for another group: its body names that group (the answer then carries its name)."""
+        call = req.call
+        if g.name and g.name != call.model:
+            payload = {**call.payload, "model": g.name}
+            payload.pop("models", None)
+            req.call = ChatCall(g.name, payload, orjson.dumps(payload), call.stream, call.include_usage)
+            req.facts = None
+        return req
+
+    async def _group(self, group: ModelGroup, req: _Request, last: bool) -> Response | SSEResponse | None:
+        """One group's answer, or None once its deployments are exhausted (the reasons are in `req`). A group
+        of one deployment tries it again after a backoff when it is the `last` group the request may go to."""
+        call, steer = req.call, req.steer
         now = self.clock()
         candidates: list[Deployment] = []
-        skipped: list[str] = []  # why each deployment left out was: the client is told if none is left
-        too_long = limited = 0
         for d in group.deployments:
             if not d.enabled:
-                skipped.append(f"{_label(d)}: disabled")
+                req.skipped.append(f"{_label(d)}: disabled")
             elif not d.healthy():
-                skipped.append(f"{_label(d)}: not live")
+                req.skipped.append(f"{_label(d)}: not live")
             elif steer is not None and not steer.admits(d):
-                skipped.append(f"{_label(d)}: excluded by 'provider'")
+                req.skipped.append(f"{_label(d)}: excluded by 'provider'")
             elif d.context_window is not None or d.rpm or d.tpm:
-                if facts is None:
-                    facts = self._facts(call, steer)
-                need = facts.prompt_tokens + facts.output_tokens
+                if req.facts is None:
+                    req.facts = self._facts(call, steer)
+                need = req.facts.prompt_tokens + req.facts.output_tokens
                 if d.context_window is not None and need > d.context_window:
-                    too_long += 1
-                    skipped.append(f"{_label(d)}: context window {d.context_window} < {need} tokens")
+                    req.too_long += 1
+                    req.skipped.append(f"{_label(d)}: context window {d.context_window} < {need} tokens")
                 elif (d.rpm or d.tpm) and not self._within_limits(d, need, now, charge=False):
-                    limited += 1
-                    skipped.append(f"{_label(d)}: over its own rate limit")
+                    req.limited += 1
+                    req.skipped.append(f"{_label(d)}: over its own rate limit")
                 else:
                     candidates.append(d)
             else:
@@ -185,28 +375,62 @@ class Dispatcher:
                 candidates = ordered
         else:
             ordered = []
-        tried: list[str] = []
-        last: RouterError | None = None
-        strip = raw_steer is not None
-        while candidates:
-            d = self._choose(group, candidates, ordered, call, steer, facts, now)
+        again = 0  # tries of the same deployment (a group of one)
+        while candidates and req.attempts < self.attempt_limit:
+            d = self._choose(group, candidates, ordered, call, steer, req.facts, now)
             if d.rpm or d.tpm:
-                facts = facts or self._facts(call, steer)
-                self._within_limits(d, facts.prompt_tokens + facts.output_tokens, now, charge=True)
+                req.facts = req.facts or self._facts(call, steer)
+                self._within_limits(d, req.facts.prompt_tokens + req.facts.output_tokens, now, charge=True)
+            req.attempts += 1
             try:
-                return await self._attempt(d, call, strip)
+                return await self._attempt(d, call, req.strip)
             except RouterError as exc:
-                exc.headers = {**(exc.headers or {}), HEADER_NAME: d.id}
-                if exc.code not in NOT_ANSWERED:
+                exc.headers = {**(exc.headers or {}), HEADER_NAME: d.id, ATTEMPTS_NAME: str(req.attempts)}
+                failure = classify(exc)
+                req.last = failure
+                req.tried.append(f"{_label(d)}: {exc.message}")
+                if failure.kind == "context_length":
+                    req.needs_larger = d.context_window or 0
+                    return None  # larger windows only, in the fallbacks
+                if failure.kind == "content_policy" and group.content_policy_fallbacks:
+                    return None
+                if not failure.retry_other:
                     raise
-                last = exc
-                tried.append(f"{_label(d)}: {exc.message}")
                 candidates = [c for c in candidates if c is not d]
                 ordered = [c for c in ordered if c is not d]
-        if last is not None and len(tried) == 1 and not skipped and d.type != "local":
-            raise last  # the group's one deployment did not answer: its own error says most
-        fits_nowhere = too_long > 0 and not limited and not tried
-        raise self._none_left(group, call, skipped + tried, fits_nowhere, facts)
+                if (not candidates and last and failure.retry_same and len(group.deployments) == 1
+                        and req.attempts < self.attempt_limit):
+                    again += 1
+                    await self.sleep(self._backoff(again, failure.retry_after))
+                    candidates = [d]
+                    now = self.clock()
+        return None
+
+    def _backoff(self, n: int, retry_after: float | None) -> float:
+        """Seconds before trying the same deployment again: its Retry-After (capped), else 0.25 s x 2^(n-1)
+        with full jitter."""
+        if retry_after is not None:
+            return min(retry_after, self.retry_after_cap)
+        return self.rng.uniform(0, min(self.retry_after_cap, 0.25 * 2 ** (n - 1)))
+
+    def _final(self, group: ModelGroup, req: _Request) -> RouterError:
+        """The error for a request no deployment answered: a single attempt's own error; the last failure's
+        status with every attempt named; or, when nothing was tried or nothing answered at all, why each
+        deployment could not take it (503, or 400 when the request fits no context window)."""
+        last = req.last
+        if last is not None and len(set(req.tried)) == 1 and not req.skipped and not (
+                last.kind == "unavailable" and group.deployments[0].type == "local"):
+            error = last.error  # one deployment (tried once, or again after a backoff): its own error
+        elif last is not None and (last.kind != "unavailable" or req.needs_larger is not None):
+            error = last.error
+            if len(set(req.tried)) > 1:
+                error = RouterError(error.status, f"{len(req.tried)} attempts failed: " + "; ".join(req.tried),
+                                    code=error.code, type=error.type, headers=error.headers)
+        else:
+            fits_nowhere = req.too_long > 0 and not req.limited and not req.tried
+            error = self._none_left(group, req.call, req.skipped + req.tried, fits_nowhere, req.facts)
+        error.headers = {**(error.headers or {}), ATTEMPTS_NAME: str(req.attempts)}
+        return error
 
     def _facts(self, call: ChatCall, steer: Steering | None) -> RequestFacts:
         return RequestFacts(prompt_tokens(call.payload), output_tokens(call.payload), call.stream,
@@ -240,7 +464,9 @@ class Dispatcher:
         return d
 
     async def _attempt(self, d: Deployment, call: ChatCall, strip: bool) -> Response | SSEResponse:
-        sent = _prepare(call, d, strip and d.type != "openrouter")
+        """One deployment's answer. A stream is read up to its first content (within the deployment's first
+        token timeout) before it counts as answered, so that a failure before then can go elsewhere."""
+        sent = _prepare(call, d, (_ROUTER_ONLY_OPENROUTER if d.type == "openrouter" else _ROUTER_ONLY) if strip else ())
         stats, clock = d.stats, self.clock
         # the queue this request joins at a deployment that is full: its timings are scaled back to the
         # deployment's own speed, which the strategies scale again by the queue then (else a sample taken
@@ -248,19 +474,36 @@ class Dispatcher:
         slowdown = queueing(d)
         started = clock()
         stats.begin()
+        timeouts = attempt_timeout.set(d.stream_timeout if call.stream else d.request_timeout)  # type: ignore[arg-type]
+        response: Response | SSEResponse | None = None
         try:
-            response = await d.provider.chat(sent)
+            if call.stream:
+                limit = d.first_token_timeout or self.first_token_timeout
+                try:
+                    async with asyncio.timeout(limit):
+                        response = await d.provider.chat(sent)
+                        if isinstance(response, SSEResponse):
+                            await _first_content(response)
+                except TimeoutError:
+                    raise RouterError(504, f"deployment {d.id} sent no first token within {limit:g} s",
+                                      code="upstream_first_token_timeout") from None
+                now = clock()
+                stats.first_byte((now - started) / slowdown, now)
+            else:
+                response = await d.provider.chat(sent)
         except BaseException as exc:
+            if isinstance(response, SSEResponse):
+                await close_source(response.body_iterator)
             now = clock()
             # the client's own mistakes (4xx but 429) say nothing about the deployment's health
             ok = isinstance(exc, RouterError) and exc.status < 500 and exc.status != 429
             stats.end((now - started) / slowdown, now, ok, call.stream)
             raise
+        finally:
+            attempt_timeout.reset(timeouts)
         if d.rename is not None:
             response = d.rename.response(response)
         if isinstance(response, SSEResponse):
-            response.body_iterator = _Timed(response.body_iterator, stats, started, clock, slowdown)
-
             def ended() -> None:
                 now = clock()
                 stats.end((now - started) / slowdown, now, True, True)
@@ -289,16 +532,28 @@ class Dispatcher:
                            "retry shortly.", code="no_deployment_available", headers={"Retry-After": "1"})
 
 
+def _larger(g: ModelGroup, window: int) -> bool:
+    """Whether a group has a deployment whose known context window is larger than `window`."""
+    return any(d.context_window is not None and d.context_window > window for d in g.deployments)
+
+
 def _label(d: Deployment) -> str:
     return f"agent {d.id.removeprefix('agent-')}" if d.live is not None else f"deployment {d.id}"
 
 
-def _prepare(call: ChatCall, d: Deployment, strip: bool) -> ChatCall:
-    """The request as deployment `d` must receive it; `call` itself when nothing changes (bytes untouched)."""
+#: request fields only the router reads (OpenRouter's `provider` object, which OpenRouter reads too, and its
+#: `models` list, which the router follows itself: OpenRouter must not retry inside our retries)
+_ROUTER_ONLY = ("provider", "models")
+_ROUTER_ONLY_OPENROUTER = ("models",)
+
+
+def _prepare(call: ChatCall, d: Deployment, drop: tuple[str, ...]) -> ChatCall:
+    """The request as deployment `d` must receive it, without the fields in `drop`; `call` itself when nothing
+    changes (bytes untouched)."""
     payload: dict[str, Any] = call.payload
     changed = False
-    if strip:
-        payload = {k: v for k, v in payload.items() if k != "provider"}
+    if drop and any(k in payload for k in drop):
+        payload = {k: v for k, v in payload.items() if k not in drop}
         changed = True
     param = d.provider.max_tokens_param
     if param is not None:

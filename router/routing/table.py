@@ -32,7 +32,7 @@ from router.providers.local import LocalProvider
 from router.routing.deployment import DEFAULT_STRATEGY, LOCAL_TYPES, Deployment, ModelGroup
 from router.routing.stats import StatsRegistry
 from router.routing.strategies import build_strategy
-from router.upstream import UpstreamClient
+from router.upstream import UpstreamClient, client_timeouts
 from router.weights import WeightStore
 
 if TYPE_CHECKING:
@@ -88,6 +88,12 @@ class RouteTable:
         local = type_ in LOCAL_TYPES
         if fields.get("max_parallel") is None:
             fields["max_parallel"] = 1 if local else math.inf  # unknown: a local server queues, a hosted API not
+        s = self.settings
+        timeout, connect, idle = (fields.get("timeout"), fields.pop("connect_timeout", None),
+                                  fields.pop("idle_timeout", None))
+        fields["request_timeout"], fields["stream_timeout"] = client_timeouts(
+            float(timeout or s.upstream_timeout), float(connect or s.upstream_connect_timeout),  # type: ignore[arg-type]
+            float(idle or s.upstream_idle_timeout))  # type: ignore[arg-type]
         return Deployment(id=id, group=group, type=type_, provider=provider, upstream_model=upstream,
                           rename=ModelRename(group, upstream) if upstream != group else None,
                           stats=self.stats.get(f"{group}\x00{id}"), local=local,
@@ -101,13 +107,15 @@ class RouteTable:
         provider: Provider = (LocalProvider(self.http, s.local_agent_url, token=s.router_agent_token)
                               if type_ == "local" else build_provider(type_, self.http, None, s))
         id_ = f"{type_}-default"
+        timeouts = client_timeouts(s.upstream_timeout, s.upstream_connect_timeout, s.upstream_idle_timeout)
         # no name (the public name is whatever the client asked: `group.name or call.model`), no rename (the
         # upstream gets the name as sent), one deployment shared by every name the prefix matches
         group = ModelGroup("", [], build_strategy(DEFAULT_STRATEGY, s))
         group.deployments.append(Deployment(id=id_, group="", type=type_, provider=provider, upstream_model="",
                                             rename=None, stats=self.stats.get(f"\x00{id_}"),
                                             local=type_ in LOCAL_TYPES,
-                                            max_parallel=1 if type_ in LOCAL_TYPES else math.inf))
+                                            max_parallel=1 if type_ in LOCAL_TYPES else math.inf,
+                                            request_timeout=timeouts[0], stream_timeout=timeouts[1]))
         return group
 
     def _provider(self, entry: DeploymentEntry) -> Provider:
@@ -138,8 +146,9 @@ class RouteTable:
         return self._deployment(
             entry.group, entry.name, entry.type, self._provider(entry), upstream, input_price=input_price,
             output_price=output_price, context_window=window, weight=entry.weight, rpm=entry.rpm, tpm=entry.tpm,
-            timeout=entry.timeout, enabled=entry.enabled,
-            max_parallel=entry.max_parallel)
+            timeout=entry.timeout, enabled=entry.enabled, max_parallel=entry.max_parallel,
+            connect_timeout=entry.connect_timeout, idle_timeout=entry.idle_timeout,
+            first_token_timeout=entry.first_token_timeout)
 
     def rebuild(self, snapshot: Snapshot | None) -> None:
         """Rebuild every group from a registry snapshot (None: none yet) and the agent directory."""
@@ -147,7 +156,8 @@ class RouteTable:
         aliases: dict[str, str] = {}
         if snapshot is not None:
             for g in snapshot.groups:
-                groups[g.name] = self._group(g.name, g.strategy, g.rpm, g.tpm)
+                made = groups[g.name] = self._group(g.name, g.strategy, g.rpm, g.tpm)
+                made.fallbacks, made.content_policy_fallbacks = g.fallbacks, g.content_policy_fallbacks
             for entry in snapshot.deployments:
                 group = groups.get(entry.group)
                 if group is None:  # a deployment without its group row: never expected, never fatal

@@ -235,7 +235,7 @@ def test_errors_carry_the_header_and_end_the_attempt() -> None:
     bad = deployment("bad", Fake(fail="400"))
     with pytest.raises(RouterError) as info:
         send(group(bad), call())
-    assert info.value.headers == {"x-router-deployment": "bad"}
+    assert info.value.headers == {"x-router-deployment": "bad", "x-router-attempts": "1"}
     assert bad.stats.in_flight == 0 and bad.stats.negative_ends == 0
 
 

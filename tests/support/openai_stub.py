@@ -11,7 +11,7 @@ Behaviour is chosen by the requested model name:
   gpt-midstream-fail stream two chunks, then drop the connection
   gpt-truncated      stream two chunks, then end cleanly without [DONE]
   gpt-drip           stream a chunk every 50 ms (up to 200) and notice a client leaving
-  gpt-gated          stream one chunk, then wait for `gate` before the rest
+  gpt-gated          stream the role chunk and the first content, then wait for `gate` before the rest
   gpt-tools          answer with a tool call
   gpt-huge           50 MB: a JSON body sent chunked, or a stream event that never ends its line
   gpt-huge-length    a 50 MB JSON body with its Content-Length
@@ -203,7 +203,7 @@ class OpenAIStub(ThreadedServer):
                         return resp
                     await resp.write_eof()
                     return resp
-                if model == "gpt-gated" and i == 1:
+                if model == "gpt-gated" and i == 2:
                     await asyncio.get_running_loop().run_in_executor(None, self.gate.wait, 10)
                 if model == "gpt-drip" and i > 0:
                     await asyncio.sleep(0.05)
@@ -259,7 +259,8 @@ class OpenAIStub(ThreadedServer):
                                      headers=headers)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **headers})
         await resp.prepare(request)
-        await resp.write(b"data: " + orjson.dumps(self.chunks(payload)[0].model_dump(mode="json")) + b"\n\n")
+        for chunk in self.chunks(payload)[:2]:  # the role, then the first content: the error comes mid-stream
+            await resp.write(b"data: " + orjson.dumps(chunk.model_dump(mode="json")) + b"\n\n")
         event = b"data: " + orjson.dumps({"error": {"message": f"key {key} was refused", "type": key,
                                                     "param": key, "code": key}}) + b"\n\n"
         cut = event.index(key.encode()) + len(key) // 2  # the key arrives in two pieces

@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None) -> RouterApp:
             Route("/register", agents.register, methods=["POST"]),
             Route("/heartbeat", agents.heartbeat, methods=["POST"]),
             Route("/health", health.health, methods=["GET"]),
+            Route("/health/deployments", health.deployments, methods=["GET"]),
             Route("/ready", health.ready, methods=["GET"]),
             Route("/metrics", health.metrics, methods=["GET"]),
         ],

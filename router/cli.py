@@ -602,6 +602,33 @@ def revoke_agent_token(name: str = typer.Argument(..., help="The token's name or
     out.print(f"revoked agent token {name}")
 
 
+@app.command("health")
+def health(
+    url: str | None = typer.Option(None, help="The router's base URL (default http://ROUTER_HOST:ROUTER_PORT)."),
+) -> None:
+    """Each deployment's state as a running router sees it: circuit (closed, open, half-open), failures,
+    when an ejected one returns, requests in flight, latency estimates (GET /health/deployments with
+    ROUTER_MASTER_KEY)."""
+    s = settings()
+    host = "127.0.0.1" if s.router_host in ("0.0.0.0", "::", "") else s.router_host
+    base = (url or f"http://{host}:{s.router_port}").rstrip("/")
+    key = s.router_master_key.get_secret_value() if s.router_master_key else None
+    data = fetch_json(base + "/health/deployments", {"Authorization": f"Bearer {key}"} if key else {},
+                      Scrubber([key] if key else []))
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v * 1000:.0f} ms"
+
+    rows: list[tuple[str, ...]] = []
+    for d in data.get("data", []):
+        returns = d.get("returns_at")
+        rows.append((d["model"], d["deployment"], d["type"], d["state"] + (" (cooling)" if d.get("cooling") else ""),
+                     f"{d.get('consecutive_failures', 0)} / {d.get('total_failures', 0)}", str(d.get("ejections", 0)),
+                     _when(returns) if returns else "-", str(d.get("in_flight", 0)), ms(d.get("ttft")),
+                     ms(d.get("latency")), (d.get("reason") or "")[:80]))
+    show(f"deployments at {base}", ("model", "deployment", "type", "state", "failures (in a row / all)",
+                                    "ejections", "returns", "in flight", "TTFT", "latency", "reason"), rows)
+
+
 def show(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     """Print a table (whole cells when piped)."""
     table = Table(title=title)

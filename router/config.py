@@ -103,6 +103,15 @@ class Settings(BaseSettings):
     upstream_idle_timeout: float = Field(120.0, gt=0)
     router_num_retries: int = Field(2, ge=0, le=10)  # [resilience] attempts per request: 1 + this
     router_retry_after_cap: float = Field(30.0, ge=0)  # [resilience] longest Retry-After honoured (seconds)
+    # [resilience: circuit breaker] a deployment is ejected after FAILURES consecutive failures, or when more
+    # than FAILURE_RATE of at least MIN_REQUESTS requests within WINDOW seconds failed; the k-th ejection in a
+    # row lasts BASE_EJECTION x 2^(k-1) s (shortened at random by up to 20 %), at most MAX_EJECTION s
+    router_breaker_failures: int = Field(5, ge=1)
+    router_breaker_failure_rate: float = Field(0.5, gt=0, le=1)
+    router_breaker_min_requests: int = Field(20, ge=1)
+    router_breaker_window: float = Field(30.0, gt=0)
+    router_breaker_base_ejection: float = Field(5.0, gt=0)
+    router_breaker_max_ejection: float = Field(300.0, gt=0)
     upstream_max_connections: int = Field(1000, ge=1)
     # [upstream] idle pooled connections are closed after this long: below common upstream keep-alive
     # timeouts (uvicorn and Node: 5 s), so the router rarely reuses one the upstream is closing

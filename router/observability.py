@@ -69,6 +69,21 @@ class Metrics:
         self.weights_load_seconds = Histogram("router_weights_load_seconds", "Time to load a Hugging Face model",
                                               ("model",), registry=self.registry,
                                               buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600))
+        # resilience: all on the failure path or at scrape time, nothing per successful request; the
+        # deployment label is a registry deployment name or `agent-NAME` (bounded by the registry)
+        self.upstream_failures = Counter("router_upstream_failures_total",
+                                         "Failed upstream attempts, by deployment and kind of failure",
+                                         ("model", "deployment", "kind"), registry=self.registry)
+        self.retries = Counter("router_retries_total", "Upstream attempts beyond a request's first",
+                               ("model",), registry=self.registry)
+        self.fallbacks = Counter("router_fallbacks_total", "Requests sent on to a fallback model group",
+                                 ("model", "fallback"), registry=self.registry)
+        self.ejections = Counter("router_deployment_ejections_total", "Deployments ejected by the circuit breaker",
+                                 ("model", "deployment"), registry=self.registry)
+        self.deployment_state = Gauge("router_deployment_state",
+                                      "Circuit state per deployment that failed lately: 0 closed, 1 half-open, "
+                                      "2 open, 3 cooling (a Retry-After)", ("model", "deployment"),
+                                      registry=self.registry, multiprocess_mode="max")
         self._clients: dict[str, Counter] = {}
         self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
@@ -94,6 +109,11 @@ class Metrics:
         if child is None:
             child = self._clients[label] = self.client_requests.labels(label)
         child.inc()
+
+    def deployment_label(self, key: str) -> tuple[str, str]:
+        """(model, deployment) labels from a deployment key (`group\x00id`)."""
+        group, _, deployment = key.partition("\x00")
+        return self.model_label(group or "prefix"), deployment
 
     def render(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

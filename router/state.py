@@ -43,6 +43,7 @@ from router.registry import (AgentEntry, AgentNameTaken, Connection, RegistryUna
                              open_store)
 from router.registry.store import ChangeListener
 from router.routing import RouteTable
+from router.routing.breaker import Breaker, BreakerSettings
 from router.routing.dispatch import Dispatcher
 from router.routing.stats import StatsRegistry
 from router.upstream import UpstreamClient
@@ -75,7 +76,11 @@ class RouterState:
         self.weights = WeightStore(settings, self.metrics)
         self.stats = StatsRegistry()  # per-deployment statistics: kept across route-table rebuilds
         self.routes = RouteTable(settings, self.http, self.agents, self.weights, self.stats)
-        self.dispatcher = Dispatcher(settings, self.stats.clock, resolve=self.routes.resolve)
+        #: circuits per deployment, shared with other replicas through Redis
+        self.breaker = Breaker(BreakerSettings.from_settings(settings), clock=self.stats.clock)
+        self.breaker.on_eject = self._ejected
+        self.dispatcher = Dispatcher(settings, self.stats.clock, resolve=self.routes.resolve, breaker=self.breaker,
+                                     metrics=self.metrics)
         self.keys = KeyTable(settings.router_master_key)
         self.agent_policy = AgentPolicy(settings)
         self.agent_register_limits = LocalLimiter()  # AGENT_REGISTER_RPM per client address, in this process
@@ -102,6 +107,7 @@ class RouterState:
         await self._open()
         await self.reload(full=True)
         await self.stats.start(self.redis)
+        await self.breaker.start(self.redis)
         with contextlib.suppress(RedisUnavailable):
             await self.liveness.sync()  # the agents' liveness before the first request
         log.info("%s", self.agent_policy.describe())
@@ -118,6 +124,7 @@ class RouterState:
             except asyncio.CancelledError:
                 pass
         await self.stats.stop()
+        await self.breaker.stop()
         await self.http.close()
         self.weights.close()
         if self.redis is not None:
@@ -232,6 +239,44 @@ class RouterState:
     def _agent_routes(self, name: str, old_models: tuple[str, ...], new_models: tuple[str, ...]) -> None:
         self.routes.agent_changed(name, old_models, new_models)
         self.metrics.agent_route_updates.inc()
+
+    # -- deployment health (the breaker's circuits, the statistics) ----------------------------------
+
+    def _ejected(self, key: str, reason: str) -> None:
+        model, deployment = self.metrics.deployment_label(key)
+        self.metrics.ejections.labels(model, deployment).inc()
+        log.warning("deployment %s of %s ejected: %s", deployment, model, reason)
+
+    def deployment_health(self) -> list[dict[str, object]]:
+        """Every routed deployment's state: its circuit (closed unless it failed lately), when it returns,
+        why it is out, its requests in flight and latency estimates. For `/health/deployments` and
+        `router health`; also refreshes the `router_deployment_state` gauge."""
+        now, wall = self.stats.clock(), time.time()
+        circuits = {c.key: c for c in self.breaker.states(now)}
+        seen: set[int] = set()
+        out: list[dict[str, object]] = []
+        for group in (*self.routes.groups.values(), *self.routes.agent_groups.values()):
+            if id(group) in seen:  # an alias: the same group again
+                continue
+            seen.add(id(group))
+            for d in group.deployments:
+                c = circuits.get(f"{d.group}\x00{d.id}")
+                state = "closed" if c is None else c.state
+                entry: dict[str, object] = {
+                    "model": d.group, "deployment": d.id, "type": d.type, "enabled": d.enabled,
+                    "live": d.healthy(), "state": state, "cooling": bool(c and c.cooling),
+                    "in_flight": d.stats.load(), "ttft": d.stats.expected_latency(True, now),
+                    "latency": d.stats.expected_latency(False, now)}
+                if c is not None:
+                    entry.update({"consecutive_failures": c.consecutive_failures, "total_failures": c.total_failures,
+                                  "window_requests": c.window_requests, "window_failures": c.window_failures,
+                                  "ejections": c.total_ejections, "reason": c.reason,
+                                  "returns_at": wall + c.returns_in if c.returns_in > 0 else None})
+                out.append(entry)
+                if c is not None:
+                    value = 3 if c.cooling and state == "closed" else {"closed": 0, "half-open": 1, "open": 2}[state]
+                    self.metrics.deployment_state.labels(self.metrics.model_label(d.group), d.id).set(value)
+        return out
 
     def _forget_agent(self, name: str) -> None:
         old = self.agents.remove(name)

@@ -35,4 +35,19 @@ async def metrics(request: Request) -> Response:
     if state.settings.metrics_require_key and not state.keys.is_admin(request.scope):
         raise RouterError(401, "/metrics needs the master key: send 'Authorization: Bearer <ROUTER_MASTER_KEY>'.",
                           code="invalid_api_key")
+    state.deployment_health()  # the circuits' states into their gauge, at scrape time
     return Response(state.metrics.render(), headers={"content-type": CONTENT_TYPE_LATEST})
+
+
+async def deployments(request: Request) -> Response:
+    """`GET /health/deployments`: each deployment's circuit, failures and when it returns. The master key
+    only (with no master key configured: loopback clients only)."""
+    state: RouterState = request.app.state.router
+    if not state.keys.is_admin(request.scope):
+        client = request.scope.get("client")
+        loopback = client is not None and client[0] in ("127.0.0.1", "::1")
+        if state.keys.enabled or not loopback:
+            raise RouterError(401, "/health/deployments needs the master key: send 'Authorization: Bearer "
+                              "<ROUTER_MASTER_KEY>'.", code="invalid_api_key")
+    return Response(orjson.dumps({"object": "list", "data": state.deployment_health()}),
+                    media_type="application/json")

@@ -37,12 +37,18 @@ from starlette.responses import Response
 from router.auth import Client, check_model
 from router.config import Settings
 from router.errors import RouterError
+from router.observability import Metrics
 from router.ratelimit import Limit, LocalLimiter
 from router.providers.base import ChatCall
+from router.routing.breaker import Breaker, BreakerSettings
 from router.routing.deployment import Deployment, ModelGroup, RequestFacts, Strategy
+from router.routing.failures import (
+    ContentPolicy, ContextLengthExceeded, FirstByteTimeout, TransportFailure, UpstreamFailure, classify,
+    from_stream_event, lift,
+)
 from router.routing.estimate import output_tokens, prompt_tokens
 from router.routing.strategies import SORTS, build_strategy, queueing
-from router.upstream import NOT_ANSWERED, SSEResponse, attempt_timeout, close_source
+from router.upstream import SSEResponse, attempt_timeout, close_source
 
 HEADER_NAME = "x-router-deployment"
 HEADER = HEADER_NAME.encode()
@@ -163,8 +169,8 @@ async def _first_content(response: SSEResponse) -> None:
     head: list[bytes] = []
     size = 0
     async for chunk in _iterate(source):
-        if b'"error"' in chunk:
-            failure = response.failure or stream_error(chunk)
+        if b'"error"' in chunk or b"blockReason" in chunk:
+            failure = classify(response.failure) if response.failure is not None else from_stream_event(chunk)
             if failure is not None:
                 await close_source(source)
                 raise failure
@@ -184,78 +190,6 @@ async def _iterate(source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             return
 
 
-def stream_error(chunk: bytes) -> RouterError | None:
-    """The error an upstream put in its stream (`data: {"error": {...}}`), as a RouterError; None: none."""
-    for line in chunk.splitlines():
-        if not line.startswith(b"data:") or b'"error"' not in line:
-            continue
-        try:
-            event = orjson.loads(line[5:])
-        except orjson.JSONDecodeError:
-            continue
-        error = event.get("error") if isinstance(event, dict) else None
-        if not isinstance(error, dict):
-            continue
-        message = str(error.get("message") or "the upstream reported an error in its stream")
-        code = error.get("code")
-        code = str(code) if code is not None else None
-        status = error.get("status") if isinstance(error.get("status"), int) else None
-        if status is None:
-            status = 400 if code == "context_length_exceeded" or _context_text(message) else 502
-        return RouterError(status, message, code=code or "upstream_error",
-                           type=str(error["type"]) if isinstance(error.get("type"), str) else None)
-    return None
-
-
-def _context_text(message: str) -> bool:
-    low = message.lower()
-    return any(s in low for s in ("context length", "context window", "maximum context", "too many tokens",
-                                  "prompt is too long", "exceeds the context"))
-
-
-class Failure:
-    """What one failed attempt says: whether it is the deployment's fault, and where the request may go next."""
-
-    __slots__ = ("error", "kind", "deployment_fault", "retry_other", "retry_same", "retry_after")
-
-    def __init__(self, error: RouterError, kind: str, deployment_fault: bool, retry_other: bool,
-                 retry_same: bool = False, retry_after: float | None = None) -> None:
-        self.error, self.kind = error, kind
-        self.deployment_fault, self.retry_other, self.retry_same = deployment_fault, retry_other, retry_same
-        self.retry_after = retry_after
-
-
-def classify(error: RouterError) -> Failure:
-    """The kind of failure a RouterError from an attempt is (the client's own mistakes are never retried)."""
-    status, code = error.status, error.code or ""
-    if status == 508 or code == "loop_detected":  # a route back here: trying again would loop again
-        return Failure(error, "loop", False, False)
-    if code in NOT_ANSWERED or code in ("upstream_timeout", "upstream_first_token_timeout", "upstream_error",
-                                        "upstream_stream_truncated"):
-        return Failure(error, "unavailable", True, True, True)
-    if code in ("upstream_bad_response", "upstream_response_too_large"):  # it would answer the same again
-        return Failure(error, "bad_response", True, True)
-    if status == 429 or status == 529 or code in ("overloaded_error", "rate_limit_exceeded"):
-        after = _retry_after((error.headers or {}).get("retry-after") or (error.headers or {}).get("Retry-After"))
-        return Failure(error, "rate_limited" if status == 429 else "overloaded", True, True, True, after)
-    if code == "context_length_exceeded" or (status == 400 and _context_text(error.message)):
-        return Failure(error, "context_length", False, True)
-    if code in ("content_policy_violation", "content_filter") or "content policy" in error.message.lower():
-        return Failure(error, "content_policy", False, False)
-    if status >= 500:
-        return Failure(error, "server_error", True, True, True)
-    return Failure(error, "bad_request", False, False)
-
-
-def _retry_after(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
-
-
 class _Request:
     """One request's way through its groups and their deployments: attempts made, what failed and why."""
 
@@ -267,7 +201,7 @@ class _Request:
         self.attempts = 0
         self.tried: list[str] = []  # each failed attempt, for the final error
         self.skipped: list[str] = []  # each deployment left out, and why
-        self.last: Failure | None = None
+        self.last: UpstreamFailure | None = None
         self.too_long = self.limited = 0
         self.facts: RequestFacts | None = None
         self.needs_larger: int | None = None  # after a context-length failure: the window that was too small
@@ -276,7 +210,8 @@ class _Request:
 class Dispatcher:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic,
                  resolve: Callable[[str], ModelGroup] | None = None,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, rng: random.Random | None = None) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, rng: random.Random | None = None,
+                 breaker: Breaker | None = None, metrics: Metrics | None = None) -> None:
         self.clock = clock
         self.threshold = settings.router_cost_threshold * USD_PER_THRESHOLD_UNIT  # USD; 0: no rule
         self.sorts: dict[str, Strategy] = {sort: build_strategy(name, settings) for sort, name in SORTS.items()}
@@ -288,6 +223,9 @@ class Dispatcher:
         self.resolve = resolve  # a group's fallbacks by name (None: fallbacks are not followed)
         self.sleep = sleep
         self.rng = rng or random.Random()
+        #: circuits per deployment: ejected ones are left out (never all of a group), outcomes recorded
+        self.breaker = breaker if breaker is not None else Breaker(BreakerSettings.from_settings(settings), clock)
+        self.metrics = metrics  # failures, retries and fallbacks (only ever on the failure path)
 
     async def send(self, group: ModelGroup, call: ChatCall, client: Client | None = None,
                    then: Sequence[ModelGroup] = ()) -> Response | SSEResponse:
@@ -309,6 +247,9 @@ class Dispatcher:
                 req.skipped.append(f"model {g.name or call.model}: context window not larger")
                 continue
             last = i == len(queue) and not g.fallbacks  # nothing after it: its one deployment may be tried again
+            if g is not group and self.metrics is not None:
+                self.metrics.fallbacks.labels(self.metrics.model_label(group.name or call.model),
+                                              self.metrics.model_label(g.name or call.model)).inc()
             response = await self._group(g, req if g is group else self._moved(req, g, group), last)
             if response is not None:
                 response.raw_headers.append((ATTEMPTS, str(req.attempts).encode()))
@@ -376,32 +317,41 @@ class Dispatcher:
         else:
             ordered = []
         again = 0  # tries of the same deployment (a group of one)
+        breaker = self.breaker
         while candidates and req.attempts < self.attempt_limit:
-            d = self._choose(group, candidates, ordered, call, steer, req.facts, now)
+            pool = breaker.available(candidates, now)  # the ejected left out (if all are, the oldest failure)
+            d = self._choose(group, list(pool), [o for o in ordered if o in pool] if ordered else ordered, call,
+                             steer, req.facts, now)
+            breaker.begin(d, now)
             if d.rpm or d.tpm:
                 req.facts = req.facts or self._facts(call, steer)
                 self._within_limits(d, req.facts.prompt_tokens + req.facts.output_tokens, now, charge=True)
             req.attempts += 1
+            if req.attempts > 1 and self.metrics is not None:
+                self.metrics.retries.labels(self.metrics.model_label(d.group or call.model)).inc()
             try:
                 return await self._attempt(d, call, req.strip)
             except RouterError as exc:
                 exc.headers = {**(exc.headers or {}), HEADER_NAME: d.id, ATTEMPTS_NAME: str(req.attempts)}
                 failure = classify(exc)
+                if self.metrics is not None:
+                    self.metrics.upstream_failures.labels(self.metrics.model_label(d.group or call.model), d.id,
+                                                          failure.kind).inc()
                 req.last = failure
                 req.tried.append(f"{_label(d)}: {exc.message}")
-                if failure.kind == "context_length":
+                if isinstance(failure, ContextLengthExceeded):
                     req.needs_larger = d.context_window or 0
                     return None  # larger windows only, in the fallbacks
-                if failure.kind == "content_policy" and group.content_policy_fallbacks:
+                if isinstance(failure, ContentPolicy) and group.content_policy_fallbacks:
                     return None
                 if not failure.retry_other:
-                    raise
+                    raise failure from None
                 candidates = [c for c in candidates if c is not d]
                 ordered = [c for c in ordered if c is not d]
                 if (not candidates and last and failure.retry_same and len(group.deployments) == 1
                         and req.attempts < self.attempt_limit):
                     again += 1
-                    await self.sleep(self._backoff(again, failure.retry_after))
+                    await self.sleep(self._backoff(again, failure.cooldown(self.retry_after_cap)))
                     candidates = [d]
                     now = self.clock()
         return None
@@ -418,10 +368,11 @@ class Dispatcher:
         status with every attempt named; or, when nothing was tried or nothing answered at all, why each
         deployment could not take it (503, or 400 when the request fits no context window)."""
         last = req.last
+        unreachable = isinstance(last, TransportFailure)
         if last is not None and len(set(req.tried)) == 1 and not req.skipped and not (
-                last.kind == "unavailable" and group.deployments[0].type == "local"):
+                unreachable and group.deployments[0].type == "local"):
             error = last.error  # one deployment (tried once, or again after a backoff): its own error
-        elif last is not None and (last.kind != "unavailable" or req.needs_larger is not None):
+        elif last is not None and (not unreachable or req.needs_larger is not None):
             error = last.error
             if len(set(req.tried)) > 1:
                 error = RouterError(error.status, f"{len(req.tried)} attempts failed: " + "; ".join(req.tried),
@@ -485,8 +436,7 @@ class Dispatcher:
                         if isinstance(response, SSEResponse):
                             await _first_content(response)
                 except TimeoutError:
-                    raise RouterError(504, f"deployment {d.id} sent no first token within {limit:g} s",
-                                      code="upstream_first_token_timeout") from None
+                    raise FirstByteTimeout.after(limit, d.id) from None
                 now = clock()
                 stats.first_byte((now - started) / slowdown, now)
             else:
@@ -495,12 +445,18 @@ class Dispatcher:
             if isinstance(response, SSEResponse):
                 await close_source(response.body_iterator)
             now = clock()
+            failure = lift(exc)
+            if failure is None:  # cancelled (the client left), or a bug: no verdict on the deployment
+                self.breaker.release(d)
+            else:
+                self.breaker.record_failure(d, failure, now)
             # the client's own mistakes (4xx but 429) say nothing about the deployment's health
             ok = isinstance(exc, RouterError) and exc.status < 500 and exc.status != 429
             stats.end((now - started) / slowdown, now, ok, call.stream)
             raise
         finally:
             attempt_timeout.reset(timeouts)
+        self.breaker.record_success(d)
         if d.rename is not None:
             response = d.rename.response(response)
         if isinstance(response, SSEResponse):

@@ -16,7 +16,8 @@ from router.errors import RouterError
 from router.providers.base import ChatCall, Provider
 from router.registry import ClientKey
 from router.routing.deployment import Deployment, ModelGroup
-from router.routing.dispatch import Dispatcher, classify
+from router.routing.dispatch import Dispatcher
+from router.routing.failures import classify
 from router.routing.stats import DeploymentStats
 from router.routing.strategies import build_strategy
 from router.upstream import SSEResponse
@@ -132,21 +133,24 @@ async def body(response: SSEResponse) -> bytes:
 # -- classification --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("error, kind, retry", [
-    (RouterError(502, "x", code="upstream_unreachable"), "unavailable", True),
-    (RouterError(504, "x", code="upstream_timeout"), "unavailable", True),
+    (RouterError(502, "x", code="upstream_unreachable"), "refused", True),
+    (RouterError(504, "x", code="upstream_timeout"), "timeout", True),
     (RouterError(500, "x"), "server_error", True),
     (RouterError(429, "x", headers={"retry-after": "7"}), "rate_limited", True),
     (RouterError(529, "x", code="overloaded_error"), "overloaded", True),
-    (RouterError(400, "prompt is too long: 300000 tokens > 200000 maximum"), "context_length", True),
+    (RouterError(502, "x", code="upstream_bad_response"), "bad_response", True),
+    (RouterError(400, "prompt is too long: 300000 tokens > 200000 maximum"), "context_length", False),
     (RouterError(400, "x", code="content_policy_violation"), "content_policy", False),
     (RouterError(400, "x"), "bad_request", False),
-    (RouterError(401, "x"), "bad_request", False),
-    (RouterError(403, "x"), "bad_request", False),
+    (RouterError(401, "x"), "authentication", False),
+    (RouterError(403, "x"), "authentication", False),
     (RouterError(404, "x"), "bad_request", False),
     (RouterError(422, "x"), "bad_request", False),
     (RouterError(508, "x", code="loop_detected"), "loop", False),
 ])
 def test_each_failure_is_classified(error: RouterError, kind: str, retry: bool) -> None:
+    """What the dispatcher decides on (`failures.classify`): whether another deployment may be tried (a
+    context-length failure goes on only to larger windows, by the dispatcher's own rule)."""
     failure = classify(error)
     assert (failure.kind, failure.retry_other) == (kind, retry)
     if kind == "rate_limited":

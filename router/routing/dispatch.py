@@ -168,7 +168,11 @@ async def _first_content(response: SSEResponse) -> None:
     source = response.body_iterator
     head: list[bytes] = []
     size = 0
-    async for chunk in _iterate(source):
+    while True:
+        try:
+            chunk = await source.__anext__()
+        except StopAsyncIteration:
+            break
         if b'"error"' in chunk or b"blockReason" in chunk:
             failure = classify(response.failure) if response.failure is not None else from_stream_event(chunk)
             if failure is not None:
@@ -179,15 +183,6 @@ async def _first_content(response: SSEResponse) -> None:
         if _CONTENT.search(chunk) is not None or size > _READ_AHEAD_LIMIT:
             break
     response.body_iterator = _Replayed(head, source)
-
-
-async def _iterate(source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """`source`'s chunks, without closing it when the loop stops early."""
-    while True:
-        try:
-            yield await source.__anext__()
-        except StopAsyncIteration:
-            return
 
 
 class _Request:
@@ -238,7 +233,7 @@ class Dispatcher:
         steer = Steering.parse(raw_steer) if raw_steer is not None else None
         req = _Request(call, steer, raw_steer is not None or "models" in call.payload)
         queue = [group, *then]
-        seen = {id(g) for g in queue}
+        seen: set[int] | None = None  # the groups queued, once a fallback is added
         i = 0
         while i < len(queue) and req.attempts < self.attempt_limit:
             g = queue[i]
@@ -256,6 +251,8 @@ class Dispatcher:
                 return response
             for name in g.fallbacks:  # this group is exhausted: its fallbacks next, in order
                 fallback = self._fallback(name, client)
+                if seen is None:
+                    seen = {id(q) for q in queue}
                 if fallback is not None and id(fallback) not in seen:
                     seen.add(id(fallback))
                     queue.append(fallback)
@@ -320,7 +317,7 @@ class Dispatcher:
         breaker = self.breaker
         while candidates and req.attempts < self.attempt_limit:
             pool = breaker.available(candidates, now)  # the ejected left out (if all are, the oldest failure)
-            d = self._choose(group, list(pool), [o for o in ordered if o in pool] if ordered else ordered, call,
+            d = self._choose(group, pool, [o for o in ordered if o in pool] if ordered else ordered, call,
                              steer, req.facts, now)
             breaker.begin(d, now)
             if d.rpm or d.tpm:
@@ -393,7 +390,7 @@ class Dispatcher:
                   for kind, rate, cost in (("requests", d.rpm, 1), ("tokens", d.tpm, tokens)) if rate]
         return all(o.allowed for o in self._limits.check(limits, now, charge))
 
-    def _choose(self, group: ModelGroup, candidates: list[Deployment], ordered: list[Deployment], call: ChatCall,
+    def _choose(self, group: ModelGroup, candidates: Sequence[Deployment], ordered: list[Deployment], call: ChatCall,
                 steer: Steering | None, facts: RequestFacts | None, now: float) -> Deployment:
         local = False
         if len(candidates) == 1:

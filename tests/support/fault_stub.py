@@ -22,7 +22,8 @@ reads them back with the counters):
 `idle_close` (constructor): seconds an idle keep-alive connection stays open before the stub closes it (1 s
 models llama.cpp and uvicorn closing theirs; None: aiohttp's default). Counters: `received` (chat requests
 that arrived, faulty or not), `answered` (normal answers), `faults` (by name), `connections` (distinct client
-connections seen). `closed_port_url()` is a loopback URL nothing listens on.
+connections seen), `abandoned` (hangs whose client closed the connection; each also sets `client_gone`).
+`closed_port_url()` is a loopback URL nothing listens on.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class FaultStub(OpenAIStub):
         self.received = 0
         self.answered = 0
         self.faults: Counter[str] = Counter()
+        self.abandoned = 0
         self._peers: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
 
@@ -105,7 +107,7 @@ class FaultStub(OpenAIStub):
         with self._lock:
             self.mode, self.fail_next, self.fail_status, self.fail_rate = None, 0, 500, 0.0
             self.rng = random.Random(self.seed)
-            self.received = self.answered = 0
+            self.received = self.answered = self.abandoned = 0
             self.faults.clear()
             self._peers.clear()
         self.reset()
@@ -144,7 +146,8 @@ class FaultStub(OpenAIStub):
 
     def state(self) -> dict[str, Any]:
         return {**{name: getattr(self, name) for name in SETTABLE}, "received": self.received,
-                "answered": self.answered, "faults": dict(self.faults), "connections": self.connections}
+                "answered": self.answered, "faults": dict(self.faults), "connections": self.connections,
+                "abandoned": self.abandoned}
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -200,7 +203,7 @@ class FaultStub(OpenAIStub):
         if fault == "reset":
             return self._reset(request)
         if fault == "hang":
-            await self._hang()
+            await self._hang(request)
             return self._reset(request)
         if fault == "429":
             return web.json_response(RATE_ERROR, status=429, headers={"Retry-After": str(self.retry_after)})
@@ -228,13 +231,23 @@ class FaultStub(OpenAIStub):
             await resp.write_eof()
             return resp
         if fault == "hang_mid_stream":
-            await self._hang()
+            await self._hang(request)
         self._reset(request)  # drop_mid_stream, or the end of a hang: the stream never finishes
         return resp
 
-    async def _hang(self) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), self.hang_seconds)
+    async def _hang(self, request: web.Request) -> None:
+        """Wait `hang_seconds`, or until `release()`, or until the client closes the connection (aiohttp does
+        not cancel the handler then: the connection is looked at every 20 ms)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.hang_seconds
+        while not self._wake.is_set() and (left := deadline - loop.time()) > 0:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                self.abandoned += 1
+                self.client_gone.set()
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), min(left, 0.02))
 
     @staticmethod
     def _reset(request: web.Request) -> web.Response:

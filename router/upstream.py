@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextvars import ContextVar
 from urllib.parse import urlsplit
@@ -34,6 +35,9 @@ _PASS_HEADERS: tuple[tuple[str, Callable[[str], bool]], ...] = (
 )
 _DONE_TAIL = 32  # bytes of stream tail kept to see whether `data: [DONE]` arrived
 USER_AGENT = "llm-router"  # what upstreams see (no library or Python version)
+#: seconds within which a pooled connection closed under a request counts as closed before it was read (the
+#: upstream's idle close crossing our request: sent again at once); later, the upstream held it and then failed
+STALE_CLOSE_WITHIN = 0.25
 
 
 #: ASGI scope extension whose "connection" is the client connection's `Disconnects` (`router.server` offers it)
@@ -272,10 +276,13 @@ class UpstreamClient:
             headers = {**headers, hops.HOP_HEADER: chain}
         _reused.set(False)
         timeout = attempt_timeout.get() or self._timeout
+        sent = time.monotonic()
         try:
             return await self._session.post(url, data=body, headers=headers, allow_redirects=False, timeout=timeout)
         except BaseException as exc:  # noqa: BLE001 - mapped or re-raised below
-            if not (_reused.get() and _closed_before_answer(exc)):
+            # the keep-alive race: a pooled connection closed as the request went out fails at once; one that
+            # held the request a while first may have processed it, and is an attempt like any other
+            if not (_reused.get() and _closed_before_answer(exc) and time.monotonic() - sent < STALE_CLOSE_WITHIN):
                 raise self._open_error(exc, provider, url) from None
         try:  # the upstream closed its idle connection as this request went out: it was never processed
             return await self._fresh.post(url, data=body, headers=headers, allow_redirects=False, timeout=timeout)
@@ -409,6 +416,7 @@ class UpstreamClient:
         held: list[bytes] = []  # pieces of the unfinished line
         held_size = 0
         tail = b""
+        errored = False  # the last chunk relayed carried an error event
         async for chunk in resp.content.iter_any():
             end = chunk.rfind(b"\n") + 1
             if end == 0:  # no line ends in this chunk
@@ -428,17 +436,20 @@ class UpstreamClient:
                     raise self._too_large(provider, "event line", limit)
                 held.append(chunk[end:])
                 chunk = chunk[:end]
-            if b'"error"' in chunk:
+            errored = b'"error"' in chunk
+            if errored:
                 chunk = self.scrub(chunk.decode("utf-8", "replace")).encode()
             tail = _tail(tail, chunk)
             yield chunk
         if held:  # a last line with no newline after it
             chunk = b"".join(held)
-            if b'"error"' in chunk:
+            errored = b'"error"' in chunk
+            if errored:
                 chunk = self.scrub(chunk.decode("utf-8", "replace")).encode()
             tail = _tail(tail, chunk)
             yield chunk
-        if b"[DONE]" not in tail:
+        # an upstream that ended its stream with its own error event said why: no second error after it
+        if b"[DONE]" not in tail and not errored:
             raise RouterError(502, f"upstream {provider} closed the stream before [DONE]",
                               code="upstream_stream_truncated")
 

@@ -17,6 +17,7 @@ reads them back with the counters):
                     "error_stream"         a 200 stream: `chunks_before_fault` chunks, then a server error event
   fail_next       the next K requests are answered `fail_status` (default 500): a 5xx burst; before `mode`
   fail_rate       this share of requests is answered `fail_status`, drawn from `random.Random(seed)`
+  fault_delay     seconds the *_stream modes wait after their first chunks before the fault (default 0)
   refuse()        stop listening (connections are refused) until `accept()` listens again on the same port
 
 `idle_close` (constructor): seconds an idle keep-alive connection stays open before the stub closes it (1 s
@@ -46,7 +47,7 @@ from tests.support.processes import free_port
 MODES = (None, "reset", "hang", "hang_mid_stream", "drop_mid_stream", "429", "529", "context_length",
          "context_length_stream", "error_stream")
 SETTABLE = ("mode", "fail_next", "fail_status", "fail_rate", "seed", "retry_after", "hang_seconds",
-            "chunks_before_fault")
+            "chunks_before_fault", "fault_delay")
 
 CONTEXT_ERROR = {"error": {"message": "This model's maximum context length is 4096 tokens. However, your messages "
                                       "resulted in 5000 tokens. Please reduce the length of the messages.",
@@ -76,6 +77,7 @@ class FaultStub(OpenAIStub):
         self.retry_after = "1"
         self.hang_seconds = 30.0
         self.chunks_before_fault = 2
+        self.fault_delay = 0.0  # seconds a faulty stream waits after its first chunks, before its fault
         self._wake = asyncio.Event()  # set: every hang ends (used in the stub's loop only)
         self.received = 0
         self.answered = 0
@@ -226,6 +228,8 @@ class FaultStub(OpenAIStub):
         for event in events[:self.chunks_before_fault]:
             self.chunks_sent += 1
             await resp.write(event)
+        if self.fault_delay:  # the chunks reach the client (and past it) before the fault, not in one read
+            await asyncio.sleep(self.fault_delay)
         if fault == "error_stream":
             await resp.write(b"data: " + orjson.dumps(SERVER_ERROR) + b"\n\n")
             await resp.write_eof()

@@ -176,8 +176,10 @@ def test_simulator_smoke_run(tmp_path: Path) -> None:
     rr = mixed["round-robin"]["shares"]
     assert rr == {"fast": pytest.approx(1 / 3), "cheap": pytest.approx(1 / 3), "local": pytest.approx(1 / 3)}
     checks = {c["name"]: c for c in results["checks"]}
-    assert len(checks) == 3 and all(f"{'PASS' if c['passed'] else 'FAIL'} {c['name']}" in done.stdout
+    assert len(checks) == 4 and all(f"{'PASS' if c['passed'] else 'FAIL'} {c['name']}" in done.stdout
                                     for c in checks.values())
     assert checks["cost threshold is exact"]["passed"], checks
+    # the chaos scenario keeps its real timeouts: failures and a hung deployment are absorbed even this short
+    assert checks["chaos: failures and a hung deployment absorbed"]["passed"], checks
     assert done.returncode == (0 if all(c["passed"] for c in checks.values()) else 1)
     assert "| cost-latency |" in done.stdout and "| round-robin |" in done.stdout

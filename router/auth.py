@@ -1,7 +1,7 @@
 """Client identity: who sent a request, and may they use this model.
 
 Keys are off until one exists (`router.cli create-key`) or `ROUTER_MASTER_KEY`
-is set; then every chat request needs `Authorization: Bearer <key>`. Only
+is set; then every request needs `Authorization: Bearer <key>` (or `x-api-key`). Only
 SHA-256 hashes of keys are stored and compared, so a lookup is one hash and
 one dict hit. A client is named in logs and metrics by its key's name, never
 by the key. Without keys, clients are told apart by IP for rate limiting.
@@ -32,11 +32,16 @@ ANONYMOUS_CACHE_SCOPE = "public"
 
 
 def bearer(scope: Scope) -> str | None:
+    """The client's key: `Authorization: Bearer <key>`, else Anthropic's `x-api-key: <key>` (the `anthropic` SDK
+    and Claude Code send that one)."""
+    api_key = None
     for name, value in scope["headers"]:
         if name == b"authorization":
             kind, _, token = value.decode("latin-1").partition(" ")
             return token.strip() if kind.lower() == "bearer" and token.strip() else None
-    return None
+        if name == b"x-api-key":
+            api_key = value.decode("latin-1").strip() or None
+    return api_key
 
 
 class KeyTable:

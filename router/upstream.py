@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextvars import ContextVar
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -33,12 +34,20 @@ _PASS_HEADERS: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ("openai-processing-ms", lambda v: v.replace(".", "", 1).isdigit()),
     ("x-request-id", lambda v: len(v) <= 200 and v.isascii() and v.isprintable()),
 )
+#: upstream headers a client sees under another name: the router's own `x-request-id` is the request's
+_RENAMED = {"x-request-id": "x-upstream-request-id"}
 _DONE_TAIL = 32  # bytes of stream tail kept to see whether `data: [DONE]` arrived
 USER_AGENT = "llm-router"  # what upstreams see (no library or Python version)
 #: seconds within which a pooled connection closed under a request counts as closed before it was read (the
 #: upstream's idle close crossing our request: sent again at once); later, the upstream held it and then failed
 STALE_CLOSE_WITHIN = 0.25
 
+
+#: the request id the current request sends upstream (`x-request-id`); unset outside a routed request
+outgoing_request_id: ContextVar[str | None] = ContextVar("router_request_id", default=None)
+REQUEST_ID_HEADER = "x-request-id"
+#: the W3C `traceparent` of the current upstream attempt's span (`router.observability.tracing`), when tracing
+outgoing_traceparent: ContextVar[str | None] = ContextVar("router_traceparent", default=None)
 
 #: ASGI scope extension whose "connection" is the client connection's `Disconnects` (`router.server` offers it)
 DISCONNECTS = "router.disconnects"
@@ -67,6 +76,8 @@ class JSONAnswer(Response):
     inspects each header: a few microseconds per request on the hot path)."""
 
     media_type = "application/json"
+    #: the answer's token usage (OpenAI's `usage` object), when whoever made the answer knows it
+    usage: dict[str, Any] | None = None
 
     def __init__(self, body: bytes, status_code: int, headers: Mapping[str, str]) -> None:
         self.body = body
@@ -85,6 +96,9 @@ class SSEResponse:
     nothing per stream), else through a watcher task that waits on `receive`. The source is always closed
     and the `on_close` callbacks always run: stream ended, failed, or client gone.
     """
+
+    #: the stream's token usage (OpenAI's `usage` object), once whoever made the stream knows it
+    usage: dict[str, Any] | None = None
 
     def __init__(self, content: AsyncIterator[bytes], status_code: int = 200,
                  headers: Mapping[str, str] | None = None) -> None:
@@ -274,6 +288,12 @@ class UpstreamClient:
         chain = hops.outgoing.get()
         if chain is not None:
             headers = {**headers, hops.HOP_HEADER: chain}
+            request_id = outgoing_request_id.get()
+            if request_id is not None:
+                headers[REQUEST_ID_HEADER] = request_id
+            traceparent = outgoing_traceparent.get()
+            if traceparent is not None:
+                headers["traceparent"] = traceparent
         _reused.set(False)
         timeout = attempt_timeout.get() or self._timeout
         sent = time.monotonic()
@@ -350,7 +370,7 @@ class UpstreamClient:
         if resp.status >= 400:
             raise self.error_from(provider, resp, await self.read(provider, url, resp))
         if stream:
-            return self.relay(provider, url, resp, self._lines(provider, resp))
+            return self.relay(provider, url, resp, self.lines(provider, resp))
         data = await self.read(provider, url, resp)
         try:
             answer = orjson.loads(data)
@@ -406,8 +426,10 @@ class UpstreamClient:
             else:
                 resp.close()
 
-    async def _lines(self, provider: str, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        """An OpenAI-compatible upstream's stream as it comes, in whole lines; it must end with [DONE].
+    async def lines(self, provider: str, resp: aiohttp.ClientResponse,
+                    last: bytes = b"[DONE]") -> AsyncIterator[bytes]:
+        """An upstream's stream as it comes, in whole lines; it must end with `last` (OpenAI's `[DONE]`;
+        Anthropic's `message_stop`).
 
         A line still unfinished is held back (at most `max_stream_line_bytes` of it, else the stream ends
         with an error); a chunk of whole lines, the usual case, passes as it is. Lines that carry an
@@ -449,8 +471,8 @@ class UpstreamClient:
             tail = _tail(tail, chunk)
             yield chunk
         # an upstream that ended its stream with its own error event said why: no second error after it
-        if b"[DONE]" not in tail and not errored:
-            raise RouterError(502, f"upstream {provider} closed the stream before [DONE]",
+        if last not in tail and not errored:
+            raise RouterError(502, f"upstream {provider} closed the stream before {last.decode()}",
                               code="upstream_stream_truncated")
 
 
@@ -472,5 +494,5 @@ def pass_headers(resp: aiohttp.ClientResponse, scrub: Scrubber | None = None) ->
     for name, valid in _PASS_HEADERS:
         value = resp.headers.get(name)
         if value is not None and valid(value):
-            out[name] = scrub(value) if scrub is not None else value
+            out[_RENAMED.get(name, name)] = scrub(value) if scrub is not None else value
     return out

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
-from router.api.chat import duplicate_key
+from router.api.body import duplicate_key
 from tests.support.processes import RouterProcess
 
 MESSAGES = [{"role": "user", "content": "hi"}]

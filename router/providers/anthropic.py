@@ -35,6 +35,8 @@ from typing import Any
 import orjson
 from httpx_sse import ServerSentEvent
 
+from starlette.responses import Response
+
 from router.errors import RouterError
 from router.providers.base import ChatCall
 from router.providers.translate import (
@@ -42,6 +44,7 @@ from router.providers.translate import (
     max_tokens_of, named_tool_choice, parse_arguments, reject_unsupported, stop_list, text_of, tool_call,
     usage_block,
 )
+from router.upstream import JSONAnswer, SSEResponse, pass_headers
 
 # Model-name prefixes and the max_tokens sent when the client gives none.
 DEFAULT_MAX_TOKENS: tuple[tuple[str, int], ...] = (
@@ -88,6 +91,28 @@ class AnthropicProvider(TranslatingProvider):
         if status == 529:  # Anthropic's "overloaded"
             err.status, err.type = 503, "server_error"
         return err
+
+    async def messages(self, call: ChatCall) -> Response | SSEResponse:
+        """Anthropic's own Messages API, passed through: the client's bytes (the model renamed by the
+        dispatcher when needed) and Anthropic's answer or events as they come."""
+        url = self.base_url + "/v1/messages"
+        resp = await self.http.open(self.type, url, call.body, self.headers())
+        if resp.status >= 400:
+            data = await self.http.read(self.type, url, resp)
+            raise self.build_error(resp.status, data, pass_headers(resp))
+        if call.stream:
+            return self.http.relay(self.type, url, resp, self.http.lines(self.type, resp, b"message_stop"))
+        data = await self.http.read(self.type, url, resp)
+        try:
+            answer = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            answer = None
+        if not (isinstance(answer, dict) and isinstance(answer.get("content"), list)):
+            raise RouterError(502, f"upstream {self.type} answered with a body that is not a message",
+                              code="upstream_bad_response")
+        out = JSONAnswer(data, resp.status, pass_headers(resp, self.http.scrub))
+        out.usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else None
+        return out
 
     async def translate_stream(self, events: AsyncIterator[ServerSentEvent], call: ChatCall,
                                out: ChunkWriter) -> AsyncIterator[bytes]:

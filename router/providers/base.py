@@ -2,7 +2,7 @@
 
 `ApiProvider` forwards to a remote HTTP API; `WeightProvider` runs weights in
 this process. Routing (`router.routing`) picks a provider instance per model;
-the endpoint (`router.api.chat`) hands it a parsed `ChatCall` and returns
+the endpoint (`router.api.routed`) hands it a parsed `ChatCall` and returns
 whatever `Response` it gives back (JSON, or an `SSEResponse` for streams).
 """
 
@@ -37,6 +37,9 @@ class ChatCall:
     body: bytes
     stream: bool
     include_usage: bool
+    #: the operation (the endpoint family): "chat", "embeddings", "completions"; the dispatcher calls the
+    #: provider's method of that name
+    op: str = "chat"
 
 
 class Provider(ABC):
@@ -50,6 +53,16 @@ class Provider(ABC):
     @abstractmethod
     async def chat(self, call: ChatCall) -> Response | SSEResponse:
         """Answer one chat completion, streaming or not, or raise `RouterError`."""
+
+    async def embeddings(self, call: ChatCall) -> Response:
+        """Answer one `/v1/embeddings` request (OpenAI's format), or raise `RouterError`."""
+        raise RouterError(400, f"Deployments of type '{self.type}' do not serve embeddings.",
+                          code="unsupported_operation", param="model")
+
+    async def completions(self, call: ChatCall) -> Response | SSEResponse:
+        """Answer one legacy `/v1/completions` request, streaming or not, or raise `RouterError`."""
+        raise RouterError(400, f"Deployments of type '{self.type}' do not serve the legacy completions API; "
+                          "use /v1/chat/completions.", code="unsupported_operation", param="model")
 
 
 class ApiProvider(Provider):

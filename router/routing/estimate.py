@@ -23,9 +23,13 @@ DEFAULT_OUTPUT_TOKENS = 256
 
 
 def prompt_tokens(payload: dict[str, Any]) -> int:
-    """Estimated prompt tokens of a chat completion request."""
+    """Estimated prompt tokens of a request: a chat completion's messages (an Anthropic `system` too), a legacy
+    completion's `prompt`, an embedding's `input` (token arrays count as they are)."""
     messages = payload.get("messages")
     if not isinstance(messages, list):
+        for field in ("prompt", "input"):
+            if field in payload:
+                return _text_tokens(payload[field])
         return 0
     chars = 0
     tokens = REPLY_TOKENS + MESSAGE_TOKENS * len(messages)
@@ -56,6 +60,9 @@ def prompt_tokens(payload: dict[str, Any]) -> int:
                     for field in ("name", "arguments"):
                         if isinstance(value := function.get(field), str):
                             chars += len(value)
+    system = payload.get("system")  # Anthropic's Messages
+    if system is not None:
+        tokens += _text_tokens(system)
     tools = payload.get("tools")
     if isinstance(tools, list) and tools:
         try:
@@ -72,3 +79,20 @@ def output_tokens(payload: dict[str, Any], default: int = DEFAULT_OUTPUT_TOKENS)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return default
+
+
+def _text_tokens(value: Any) -> int:
+    """A string, a list of strings or text blocks, token ids, or lists of token ids."""
+    if isinstance(value, str):
+        return len(value) // CHARS_PER_TOKEN + 1
+    if isinstance(value, list):
+        total = 0
+        for item in value:
+            if isinstance(item, int):
+                total += 1
+            elif isinstance(item, dict) and isinstance(item.get("text"), str):
+                total += len(item["text"]) // CHARS_PER_TOKEN + 1
+            else:
+                total += _text_tokens(item)
+        return total
+    return 0

@@ -159,6 +159,21 @@ class Settings(BaseSettings):
     # Observability
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_dir: str = "logs"
+    log_format: Literal["text", "json"] = "text"  # json: one JSON object per line, for log shippers
+    access_log: bool = True  # one INFO line per request (method, path, model, deployment, status, tokens, ...)
+    # [metrics] client key names as a label on the per-client series (never key values); off: no client label
+    metrics_key_labels: bool = False
+    cost_header: bool = False  # `x-router-cost` (USD) on every answer whose cost is known
+    # [request log] one row per request, written in batches off the request path: SQLite in its own file
+    # (REQUEST_LOG_PATH, default `requests.db` beside the registry) or the registry's Postgres database
+    request_log: bool = True
+    request_log_path: str | None = None
+    request_log_retention_days: float = Field(30.0, gt=0)
+    request_log_queue: int = Field(10_000, ge=1)  # rows waiting to be written; beyond, rows are dropped (counted)
+    request_log_content: bool = False  # store prompts and answers (also per key: `create-key --log-content`)
+    # [tracing] OTLP export when set (the OpenTelemetry SDK reads its other OTEL_* variables itself)
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_service_name: str = "llm-router"
 
     @field_validator("cache_mode", "rate_limit_on_redis_failure", mode="before")
     @classmethod
@@ -177,6 +192,11 @@ class Settings(BaseSettings):
                         raise ValueError(f"not a list of CIDRs: {exc}") from None
         return v
 
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_format(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, v: object) -> object:
@@ -188,7 +208,7 @@ class Settings(BaseSettings):
         "external_openrouter_key", "external_grok_key", "external_groq_key", "external_venice_key",
         "llmd_api_key", "openrouter_referer", "openrouter_title", "router_master_key", "router_trusted_proxies",
         "hugging_face_hub_token", "router_agent_networks", "router_agent_allowed_models", "router_instance_id",
-        mode="before",
+        "request_log_path", "otel_exporter_otlp_endpoint", mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, v: object) -> object:

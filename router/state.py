@@ -27,7 +27,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Hashable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from router.agent_policy import AgentPolicy, Credential
 from router.agents import AgentDirectory
@@ -36,6 +36,7 @@ from router.cache import MemoryBackend, RedisBackend, ResponseCache
 from router.config import Settings
 from router.errors import RouterError, Scrubber
 from router.observability import Metrics
+from router.observability.observer import Observer
 from router.ratelimit import LocalLimiter, RateLimiter
 from router.liveness import Liveness
 from router.redis_link import RedisLink, RedisUnavailable
@@ -53,6 +54,7 @@ log = logging.getLogger("router.state")
 T = TypeVar("T")
 WRITE_BUSY_TIMEOUT = 1.5  # seconds a registry write waits for another writer's lock before answering 503
 RECONNECT_BACKOFF = (0.5, 5.0)  # seconds between tries to reach a lost Postgres registry: first, most
+METRICS_SYNC_INTERVAL = 1.0  # seconds between syncs of a worker's per-request metrics to the shared files
 READY_STALE_AFTER = 5.0  # /ready fails when the registry was last read longer ago (3 poll intervals, if longer)
 
 
@@ -81,6 +83,9 @@ class RouterState:
         self.breaker.on_eject = self._ejected
         self.dispatcher = Dispatcher(settings, self.stats.clock, resolve=self.routes.resolve, breaker=self.breaker,
                                      metrics=self.metrics)
+        #: each request's end: metrics, budgets, the request log, the access log, the trace
+        self.budgets: Any = None  # the keys' budgets (router.budgets), once built
+        self.observer = Observer(settings, self.metrics)
         self.keys = KeyTable(settings.router_master_key)
         self.agent_policy = AgentPolicy(settings)
         self.agent_register_limits = LocalLimiter()  # AGENT_REGISTER_RPM per client address, in this process
@@ -115,6 +120,8 @@ class RouterState:
         self._tasks = [asyncio.create_task(watch, name="registry-watch"),
                        asyncio.create_task(self._purge_dead_agents(), name="agent-retention"),
                        asyncio.create_task(self.liveness.run(), name="agent-liveness")]
+        if self.metrics.multiprocess:
+            self._tasks.append(asyncio.create_task(self._sync_metrics(), name="metrics-sync"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -133,6 +140,15 @@ class RouterState:
             self._conn.close()
         if self._listener is not None:
             self._listener.close()
+
+    async def _sync_metrics(self) -> None:
+        """Several workers: this worker's per-request metrics into its multiprocess files, every second."""
+        try:
+            while True:
+                await asyncio.sleep(METRICS_SYNC_INTERVAL)
+                self.metrics.sync()
+        finally:
+            self.metrics.sync()  # what the last second added, before the worker exits
 
     def readiness(self) -> str | None:
         """Why this process should not take traffic now (None: ready), from state kept by the registry watch

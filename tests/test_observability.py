@@ -42,7 +42,7 @@ def test_metrics_count_requests_latency_and_in_flight(start_router, openai_stub:
     assert sample(text, "router_requests_total", model="dummy", provider="dummy", status="200") == 3
     assert sample(text, "router_requests_total", model="gpt-4o", provider="openai", status="200") == 1
     assert sample(text, "router_requests_total", status="404") == 1
-    assert sample(text, "router_request_duration_seconds_count", model="dummy") == 3
+    assert sample(text, "gen_ai_client_operation_duration_seconds_count", gen_ai_request_model="dummy") == 3
     assert sample(text, "router_requests_in_flight") == 0
     assert UPSTREAM_KEY not in text and "client-key" not in text
 
@@ -52,9 +52,13 @@ def test_metrics_are_summed_across_workers(start_router) -> None:
     for _ in range(20):
         with router.http() as http:  # a new connection each time, so both workers get traffic
             assert http.post("/v1/chat/completions", json={"model": "dummy", "messages": MSG}).status_code == 200
+    # each worker adds its per-request metrics to the shared files every second (and before it answers a scrape)
     with router.http() as http:
+        assert wait_for(lambda: sample(http.get("/metrics").text, "router_requests_total", model="dummy",
+                                       status="200") == 20, 5)
         text = http.get("/metrics").text
-    assert sample(text, "router_requests_total", model="dummy", status="200") == 20
+    assert sample(text, "gen_ai_client_operation_duration_seconds_count", gen_ai_request_model="dummy") == 20
+    assert sample(text, "router_requests_in_flight") == 0
 
 
 def test_log_file_written_and_secrets_kept_out(start_router, tmp_path: Path, openai_stub: OpenAIStub) -> None:
@@ -93,10 +97,13 @@ def test_control_characters_in_a_logged_model_name_stay_on_one_line(start_router
     assert resp.status_code == 404, resp.text
     log = tmp_path / "logs" / "router.log"
     assert wait_for(lambda: log.exists() and "fetching from the hub" in log.read_text(), 5)
+    assert wait_for(lambda: "router.access" in log.read_text(), 5)
     lines = log.read_text().splitlines()
-    assert [line for line in lines if "FAKE" in line] == [
-        line for line in lines if "x\\nFAKE 2026-01-01 CRITICAL forged: fetching from the hub" in line]
-    assert len([line for line in lines if "FAKE" in line]) == 1
+    forged = [line for line in lines if "FAKE" in line]
+    # the hub fetch's line and the request's access line, each one line with the newline escaped
+    assert len(forged) == 2 and all("x\\nFAKE 2026-01-01 CRITICAL forged" in line for line in forged)
+    assert any("fetching from the hub" in line for line in forged)
+    assert any("router.access" in line and "status=404" in line for line in forged)
     assert not any(line.startswith("FAKE") for line in lines)
 
 

@@ -187,7 +187,7 @@ def test_key_echoed_in_relayed_headers_never_reaches_the_client(hardened: Router
             resp = chat(http, "gpt-leak", stream=stream)
             assert resp.status_code == 200
             assert UPSTREAM_KEY not in str(resp.headers)
-            assert resp.headers["x-request-id"] == "req_[redacted]"
+            assert resp.headers["x-upstream-request-id"] == "req_[redacted]"
             assert "retry-after" not in resp.headers and "openai-processing-ms" not in resp.headers
 
 

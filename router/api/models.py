@@ -6,7 +6,10 @@ only its models.
 `owned_by` is the registry type of a group's deployments ("router" when they
 differ), except that an `openai` entry away from OpenAI's own origin
 (`OPENAI_BASE_URL`) says `openai-compatible`: a llama.cpp or vLLM server
-speaking OpenAI's API is not OpenAI's."""
+speaking OpenAI's API is not OpenAI's. Where known, an entry also carries what
+OpenRouter's model list has and clients read: `context_length` (the largest
+window among the group's deployments) and `pricing` (USD per token, as
+strings: the cheapest deployment whose prices are both known)."""
 
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ def catalogue(state: RouterState) -> dict[str, dict[str, Any]]:
     for g in snapshot.groups:
         owner = owners.get(g.name, set())
         out[g.name] = {"id": g.name, "object": "model", "created": int(g.created_at),
-                       "owned_by": next(iter(owner)) if len(owner) == 1 else "router"}
+                       "owned_by": next(iter(owner)) if len(owner) == 1 else "router", **_details(state, g.name)}
     for alias, target in snapshot.aliases.items():
         if alias not in out and target in out:
             out[alias] = {**out[target], "id": alias}
@@ -50,6 +53,28 @@ def catalogue(state: RouterState) -> dict[str, dict[str, Any]]:
             out.setdefault(name, {"id": name, "object": "model", "created": int(agent.registered_at),
                                   "owned_by": f"agent:{agent.name}"})
     return out
+
+
+def _details(state: RouterState, name: str) -> dict[str, Any]:
+    """`context_length` and `pricing` of a group, from its routable deployments (prices resolved)."""
+    try:
+        deployments = state.routes.resolve(name).deployments
+    except RouterError:
+        return {}
+    out: dict[str, Any] = {}
+    windows = [d.context_window for d in deployments if d.context_window]
+    if windows:
+        out["context_length"] = max(windows)
+    priced = [(d.input_price, d.output_price) for d in deployments
+              if d.input_price is not None and d.output_price is not None]
+    if priced:
+        prompt, completion = min(priced, key=lambda p: (p[0] or 0) + (p[1] or 0))
+        out["pricing"] = {"prompt": _per_token(prompt), "completion": _per_token(completion)}
+    return out
+
+
+def _per_token(per_million: float | None) -> str:
+    return f"{(per_million or 0) / 1_000_000:.12f}".rstrip("0").rstrip(".") or "0"
 
 
 def _visible(state: RouterState, request: Request) -> dict[str, dict[str, Any]]:

@@ -68,6 +68,10 @@ class ClientKey:
     expires_at: float | None
     created_at: float
     revoked_at: float | None
+    budget: float | None = None  # USD per budget period; None: no budget
+    budget_period: float | None = None  # seconds; None: the key's whole life
+    budget_start: float | None = None  # Unix time the periods count from
+    log_content: bool | None = None  # store prompts and answers in the request log; None: REQUEST_LOG_CONTENT
 
 
 def hash_key(key: str) -> str:

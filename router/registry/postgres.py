@@ -122,6 +122,11 @@ MIGRATIONS: list[list[str]] = [
      f"ALTER TABLE deployments ADD COLUMN connect_timeout {_TS}",
      f"ALTER TABLE deployments ADD COLUMN first_token_timeout {_TS}",
      f"ALTER TABLE deployments ADD COLUMN idle_timeout {_TS}"],
+    # budgets per key and content logging per key (see SQLite's migration 7)
+    [f"ALTER TABLE client_keys ADD COLUMN budget {_TS}",
+     f"ALTER TABLE client_keys ADD COLUMN budget_period {_TS}",
+     f"ALTER TABLE client_keys ADD COLUMN budget_start {_TS}",
+     "ALTER TABLE client_keys ADD COLUMN log_content BOOLEAN"],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -135,6 +135,15 @@ MIGRATIONS.append([
     "ALTER TABLE deployments ADD COLUMN first_token_timeout REAL",
     "ALTER TABLE deployments ADD COLUMN idle_timeout REAL",
 ])
+MIGRATIONS.append([
+    # budgets per key: at most `budget` USD per `budget_period` seconds (NULL: for the key's life), periods
+    # counted from `budget_start`; `log_content`: store this key's prompts and answers in the request log
+    # (NULL: REQUEST_LOG_CONTENT decides)
+    "ALTER TABLE client_keys ADD COLUMN budget REAL",
+    "ALTER TABLE client_keys ADD COLUMN budget_period REAL",
+    "ALTER TABLE client_keys ADD COLUMN budget_start REAL",
+    "ALTER TABLE client_keys ADD COLUMN log_content INTEGER",
+])
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

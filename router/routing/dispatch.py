@@ -27,9 +27,10 @@ import asyncio
 import random
 import re
 import time
+from time import perf_counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.responses import Response
@@ -38,6 +39,7 @@ from router.auth import Client, check_model
 from router.config import Settings
 from router.errors import RouterError
 from router.observability import Metrics
+from router.observability.exchange import Exchange
 from router.ratelimit import Limit, LocalLimiter
 from router.providers.base import ChatCall
 from router.routing.breaker import Breaker, BreakerSettings
@@ -48,7 +50,11 @@ from router.routing.failures import (
 )
 from router.routing.estimate import output_tokens, prompt_tokens
 from router.routing.strategies import SORTS, build_strategy, queueing
+from router.routing.usage import UsageTap, ask_for_usage
 from router.upstream import SSEResponse, attempt_timeout, close_source
+
+if TYPE_CHECKING:
+    from router.observability.observer import Tracing
 
 HEADER_NAME = "x-router-deployment"
 HEADER = HEADER_NAME.encode()
@@ -154,8 +160,9 @@ class _Replayed:
         await close_source(self.source)
 
 
-#: what marks an OpenAI-format chunk as carrying the answer: text, a tool call, a refusal, the end
-_CONTENT = re.compile(rb'"(?:content|reasoning_content|refusal)"\s*:\s*"[^"]|"tool_calls"\s*:\s*\[\s*\{'
+#: what marks an OpenAI-format chunk as carrying the answer: text (a legacy completion's `text` too), a tool
+#: call, a refusal, the end
+_CONTENT = re.compile(rb'"(?:content|reasoning_content|refusal|text)"\s*:\s*"[^"]|"tool_calls"\s*:\s*\[\s*\{'
                       rb'|"finish_reason"\s*:\s*"|\[DONE\]')
 _READ_AHEAD_LIMIT = 64 * 1024  # bytes read ahead before the first content at most (then it is sent as it is)
 
@@ -189,10 +196,10 @@ class _Request:
     """One request's way through its groups and their deployments: attempts made, what failed and why."""
 
     __slots__ = ("call", "steer", "strip", "attempts", "tried", "skipped", "last", "too_long", "limited", "facts",
-                 "needs_larger")
+                 "needs_larger", "ex")
 
-    def __init__(self, call: ChatCall, steer: Steering | None, strip: bool) -> None:
-        self.call, self.steer, self.strip = call, steer, strip
+    def __init__(self, call: ChatCall, steer: Steering | None, strip: bool, ex: Exchange | None) -> None:
+        self.call, self.steer, self.strip, self.ex = call, steer, strip, ex
         self.attempts = 0
         self.tried: list[str] = []  # each failed attempt, for the final error
         self.skipped: list[str] = []  # each deployment left out, and why
@@ -221,17 +228,28 @@ class Dispatcher:
         #: circuits per deployment: ejected ones are left out (never all of a group), outcomes recorded
         self.breaker = breaker if breaker is not None else Breaker(BreakerSettings.from_settings(settings), clock)
         self.metrics = metrics  # failures, retries and fallbacks (only ever on the failure path)
+        self.tracing: Tracing | None = None  # a client span per attempt, when tracing is on
 
     async def send(self, group: ModelGroup, call: ChatCall, client: Client | None = None,
-                   then: Sequence[ModelGroup] = ()) -> Response | SSEResponse:
+                   then: Sequence[ModelGroup] = (), ex: Exchange | None = None) -> Response | SSEResponse:
         """The answer of one of `group`'s deployments, or of the groups after it: `then` (the client's own
         `models` list), then each group's fallbacks. A deployment fault moves the request to the next best
         deployment not tried yet, at most `1 + ROUTER_NUM_RETRIES` attempts in all; the same deployment is
         tried again (after a backoff) only when it is its group's one. `client`'s allow-list was checked on
-        `group` and `then`; fallbacks it does not allow are passed over."""
+        `group` and `then`; fallbacks it does not allow are passed over. `ex`, the request's record, learns
+        the deployment that answered, the attempts, the time spent upstream and a stream's first token."""
         raw_steer = call.payload.get("provider")
         steer = Steering.parse(raw_steer) if raw_steer is not None else None
-        req = _Request(call, steer, raw_steer is not None or "models" in call.payload)
+        req = _Request(call, steer, raw_steer is not None or "models" in call.payload, ex)
+        try:
+            return await self._send(group, client, then, req)
+        finally:
+            if ex is not None:
+                ex.attempts = req.attempts
+
+    async def _send(self, group: ModelGroup, client: Client | None, then: Sequence[ModelGroup],
+                    req: _Request) -> Response | SSEResponse:
+        call = req.call
         queue = [group, *then]
         seen: set[int] | None = None  # the groups queued, once a fallback is added
         i = 0
@@ -276,7 +294,7 @@ class Dispatcher:
         if g.name and g.name != call.model:
             payload = {**call.payload, "model": g.name}
             payload.pop("models", None)
-            req.call = ChatCall(g.name, payload, orjson.dumps(payload), call.stream, call.include_usage)
+            req.call = ChatCall(g.name, payload, orjson.dumps(payload), call.stream, call.include_usage, call.op)
             req.facts = None
         return req
 
@@ -327,7 +345,7 @@ class Dispatcher:
             if req.attempts > 1 and self.metrics is not None:
                 self.metrics.retries.labels(self.metrics.model_label(d.group or call.model)).inc()
             try:
-                return await self._attempt(d, call, req.strip)
+                return await self._attempt(d, call, req.strip, req.ex)
             except RouterError as exc:
                 exc.headers = {**(exc.headers or {}), HEADER_NAME: d.id, ATTEMPTS_NAME: str(req.attempts)}
                 failure = classify(exc)
@@ -411,10 +429,19 @@ class Dispatcher:
                 d = locals_[0] if len(locals_) == 1 else group.strategy.choose(locals_, facts, now)
         return d
 
-    async def _attempt(self, d: Deployment, call: ChatCall, strip: bool) -> Response | SSEResponse:
+    async def _attempt(self, d: Deployment, call: ChatCall, strip: bool,
+                       ex: Exchange | None = None) -> Response | SSEResponse:
         """One deployment's answer. A stream is read up to its first content (within the deployment's first
-        token timeout) before it counts as answered, so that a failure before then can go elsewhere."""
+        token timeout) before it counts as answered, so that a failure before then can go elsewhere. A stream
+        always asks for its usage (`router.routing.usage`): the client sees it only if it asked."""
         sent = _prepare(call, d, (_ROUTER_ONLY_OPENROUTER if d.type == "openrouter" else _ROUTER_ONLY) if strip else ())
+        if sent.stream and not sent.include_usage and sent.op in _ASKS_USAGE:
+            sent = ask_for_usage(sent)
+        if ex is not None:
+            ex.deployment, ex.provider, ex.target = d.id, d.type, d
+            t0 = perf_counter()
+            trace = self.tracing.start_attempt(ex, d.id, d.type, d.upstream_model, None) \
+                if self.tracing is not None else None
         stats, clock = d.stats, self.clock
         # the queue this request joins at a deployment that is full: its timings are scaled back to the
         # deployment's own speed, which the strategies scale again by the queue then (else a sample taken
@@ -429,18 +456,28 @@ class Dispatcher:
                 limit = d.first_token_timeout or self.first_token_timeout
                 try:
                     async with asyncio.timeout(limit):
-                        response = await d.provider.chat(sent)
+                        response = await (d.provider.chat(sent) if sent.op == "chat"
+                                          else getattr(d.provider, sent.op)(sent))
                         if isinstance(response, SSEResponse):
+                            response.body_iterator = UsageTap(
+                                response.body_iterator, response, not call.include_usage,
+                                [] if ex is not None and ex.log_content else None)
                             await _first_content(response)
                 except TimeoutError:
                     raise FirstByteTimeout.after(limit, d.id) from None
                 now = clock()
                 stats.first_byte((now - started) / slowdown, now)
+                if ex is not None:
+                    ex.first_token = perf_counter()
             else:
-                response = await d.provider.chat(sent)
+                response = await (d.provider.chat(sent) if sent.op == "chat" else getattr(d.provider, sent.op)(sent))
         except BaseException as exc:
             if isinstance(response, SSEResponse):
                 await close_source(response.body_iterator)
+            if ex is not None:
+                ex.upstream_seconds += perf_counter() - t0
+                if trace is not None and self.tracing is not None:
+                    self.tracing.end_attempt(trace, exc)
             now = clock()
             failure = lift(exc)
             if failure is None:  # cancelled (the client left), or a bug: no verdict on the deployment
@@ -458,15 +495,24 @@ class Dispatcher:
         self.breaker.record_success(d)
         if d.rename is not None:
             response = d.rename.response(response)
+        tracing = self.tracing
         if isinstance(response, SSEResponse):
             def ended() -> None:
                 now = clock()
                 stats.end((now - started) / slowdown, now, True, True)
+                if ex is not None:
+                    ex.upstream_seconds += perf_counter() - t0
+                    if trace is not None and tracing is not None:
+                        tracing.end_attempt(trace, None)
 
             response.on_close.append(ended)
         else:
             now = clock()
             stats.end((now - started) / slowdown, now, True, False)
+            if ex is not None:
+                ex.upstream_seconds += perf_counter() - t0
+                if trace is not None and tracing is not None:
+                    tracing.end_attempt(trace, None)
         response.raw_headers.append((HEADER, d.id.encode()))
         return response
 
@@ -500,6 +546,8 @@ def _label(d: Deployment) -> str:
 #: `models` list, which the router follows itself: OpenRouter must not retry inside our retries)
 _ROUTER_ONLY = ("provider", "models")
 _ROUTER_ONLY_OPENROUTER = ("models",)
+#: operations whose streams take OpenAI's `stream_options.include_usage`
+_ASKS_USAGE = frozenset({"chat", "completions"})
 
 
 def _prepare(call: ChatCall, d: Deployment, drop: tuple[str, ...]) -> ChatCall:
@@ -510,7 +558,7 @@ def _prepare(call: ChatCall, d: Deployment, drop: tuple[str, ...]) -> ChatCall:
     if drop and any(k in payload for k in drop):
         payload = {k: v for k, v in payload.items() if k not in drop}
         changed = True
-    param = d.provider.max_tokens_param
+    param = d.provider.max_tokens_param if call.op == "chat" else None
     if param is not None:
         other = _OTHER_LIMIT[param]
         if other in payload and param not in payload:
@@ -519,9 +567,9 @@ def _prepare(call: ChatCall, d: Deployment, drop: tuple[str, ...]) -> ChatCall:
     rename = d.rename
     if rename is None:
         return ChatCall(call.model, payload, orjson.dumps(payload), call.stream,
-                        call.include_usage) if changed else call
+                        call.include_usage, call.op) if changed else call
     if not changed:
         payload = dict(payload)
     payload["model"] = rename.upstream
     body = orjson.dumps(payload) if changed else rename.request(call.body)
-    return ChatCall(rename.upstream, payload, body, call.stream, call.include_usage)
+    return ChatCall(rename.upstream, payload, body, call.stream, call.include_usage, call.op)

@@ -28,7 +28,7 @@ def test_body_passes_through_byte_for_byte(router: RouterProcess, stub: OpenAISt
     assert stub.last().body == body
     assert stub.last().headers["Authorization"] == f"Bearer {UPSTREAM_KEY}"
     assert "client-key" not in str(stub.last().headers)
-    assert resp.headers.get("x-request-id") == "req_stub"
+    assert resp.headers.get("x-upstream-request-id") == "req_stub"
     assert_valid("CreateChatCompletionResponse", resp.json())
 
 

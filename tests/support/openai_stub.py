@@ -23,6 +23,7 @@ Behaviour is chosen by the requested model name:
                      in a mid-stream error event written in two pieces that split the key
   gpt-leak-error     429 whose error type, param, code, message and headers echo the key it got
   gpt-upstream-limits  a normal answer with the upstream's own x-ratelimit-* headers
+  gpt-no-usage       an answer, or a stream, without usage even when asked (as some servers do)
   anything else      "Hello from <name>", streaming or not
 """
 
@@ -157,13 +158,20 @@ class OpenAIStub(ThreadedServer):
         return ChatCompletion(
             id="chatcmpl-stub", object="chat.completion", created=1700000000, model=payload["model"],
             choices=[Choice(index=0, message=message, finish_reason=finish, logprobs=None)],
-            usage=CompletionUsage(prompt_tokens=9, completion_tokens=3, total_tokens=12))
+            usage=None if payload["model"] == "gpt-no-usage" else CompletionUsage(prompt_tokens=9, completion_tokens=3,
+                                                                                 total_tokens=12))
 
     def chunks(self, payload: dict[str, Any]) -> list[ChatCompletionChunk]:
+        # as OpenAI does: asked for usage, every chunk carries `"usage": null` until the usage chunk at the end
+        asked = bool((payload.get("stream_options") or {}).get("include_usage"))
+
         def chunk(delta: ChoiceDelta, finish: str | None = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id="chatcmpl-stub", object="chat.completion.chunk", created=1700000000,
+            made = ChatCompletionChunk(id="chatcmpl-stub", object="chat.completion.chunk", created=1700000000,
                                        model=payload["model"],
                                        choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish, logprobs=None)])
+            if asked:
+                made.usage = None
+            return made
 
         out = [chunk(ChoiceDelta(role="assistant", content=""))]
         if payload["model"] == "gpt-tools":
@@ -178,7 +186,7 @@ class OpenAIStub(ThreadedServer):
             for word in self.reply_text().split(" "):
                 out.append(chunk(ChoiceDelta(content=word if not out[1:] else " " + word)))
             out.append(chunk(ChoiceDelta(), "stop"))
-        if (payload.get("stream_options") or {}).get("include_usage"):
+        if asked and payload["model"] != "gpt-no-usage":
             out.append(ChatCompletionChunk(id="chatcmpl-stub", object="chat.completion.chunk", created=1700000000,
                                            model=payload["model"], choices=[],
                                            usage=CompletionUsage(prompt_tokens=9, completion_tokens=3,

@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 import uvloop
 
+from bench import observe
 from bench.loadgen import Result, build_request, cpu_seconds, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,6 +274,7 @@ async def bench(stub_port: int, routers: dict[str, int], router_pid: int, args: 
     plain = b'{"model":"gpt-bench","messages":[{"role":"user","content":"Say hello"}],"max_tokens":16}'
     streamed = plain[:-1] + b',"stream":true}'
     rows = []
+    observe.print_table(await observe.rows())
     print(f"router vs direct, {os.cpu_count()} cores, 1 router worker, {args.seconds:g} s per cell"
           f"{', router pinned to its own core' if args.pinned else ''}", flush=True)
     for mode, body in (("non-stream", plain), ("stream", streamed)):

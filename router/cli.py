@@ -785,6 +785,58 @@ def report(changes: dict[str, list[str]]) -> None:
     out.print(", ".join(f"{len(v)} {k}" for k, v in changes.items()))
 
 
+_SPANS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """`30m`, `24h`, `7d`, `2w` before now, or an ISO date/time (local time when it has no zone)."""
+    now = time.time() if now is None else now
+    text = text.strip()
+    unit = _SPANS.get(text[-1:].lower())
+    if unit is not None and text[:-1].replace(".", "", 1).isdigit():
+        return now - float(text[:-1]) * unit
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        fail(f"cannot read the time {text!r}: use 30m, 24h, 7d, 2w, or an ISO date such as 2026-11-01")
+
+
+@app.command("usage")
+def usage(
+    by: str = typer.Option("model", help="Group rows by key, model, deployment or day (UTC)."),
+    since: str = typer.Option("7d", help="From: 30m, 24h, 7d, 2w ago, or an ISO date."),
+    until: str | None = typer.Option(None, help="Until (same forms; default now)."),
+    key: str | None = typer.Option(None, help="Only this client key's requests (its name)."),
+    model: str | None = typer.Option(None, help="Only this model group's requests."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON rather than a table."),
+) -> None:
+    """Requests, errors, tokens and spend from the request log."""
+    from router.observability.request_log import open_log, usage as read_usage
+
+    if by not in ("key", "model", "deployment", "day"):
+        fail("--by must be key, model, deployment or day")
+    s = settings()
+    store_ = open_log(s)
+    try:
+        conn = store_.connect()
+    except Exception as exc:  # noqa: BLE001
+        fail(f"cannot open the request log at {store_.location}: {one_line(exc)}")
+    try:
+        rows = read_usage(conn, by, parse_since(since), parse_since(until) if until else None, key, model)
+    finally:
+        conn.close()
+    if as_json:
+        sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    show(f"usage by {by} since {since}", (by, "requests", "errors", "prompt tokens", "completion tokens",
+                                          "cached tokens", "cost (USD)", "avg latency ms"), [
+        (str(r[by] if r[by] is not None else "-"), str(r["requests"]), str(r["errors"]), f"{r['prompt_tokens']:,}",
+         f"{r['completion_tokens']:,}", f"{r['cached_tokens']:,}",
+         f"{r['cost']:.4f}" + (f" (+{r['unpriced']} unpriced)" if r["unpriced"] else ""),
+         str(r["avg_latency_ms"] if r["avg_latency_ms"] is not None else "-"))
+        for r in rows])
+
+
 def main() -> None:
     app()
 

@@ -37,6 +37,7 @@ from router.config import Settings
 from router.errors import RouterError, Scrubber
 from router.observability import Metrics
 from router.observability.observer import Observer
+from router.observability.request_log import RequestLog
 from router.ratelimit import LocalLimiter, RateLimiter
 from router.liveness import Liveness
 from router.redis_link import RedisLink, RedisUnavailable
@@ -85,7 +86,9 @@ class RouterState:
                                      metrics=self.metrics)
         #: each request's end: metrics, budgets, the request log, the access log, the trace
         self.budgets: Any = None  # the keys' budgets (router.budgets), once built
-        self.observer = Observer(settings, self.metrics)
+        #: one row per request, written in batches off the request path
+        self.request_log = RequestLog.from_settings(settings, self.metrics.request_log_dropped.inc)
+        self.observer = Observer(settings, self.metrics, self.request_log)
         self.keys = KeyTable(settings.router_master_key)
         self.agent_policy = AgentPolicy(settings)
         self.agent_register_limits = LocalLimiter()  # AGENT_REGISTER_RPM per client address, in this process
@@ -116,6 +119,8 @@ class RouterState:
         with contextlib.suppress(RedisUnavailable):
             await self.liveness.sync()  # the agents' liveness before the first request
         log.info("%s", self.agent_policy.describe())
+        if self.request_log is not None:
+            await self.request_log.start()
         watch = self._poll() if self._listener is None else self._listen(self._listener)
         self._tasks = [asyncio.create_task(watch, name="registry-watch"),
                        asyncio.create_task(self._purge_dead_agents(), name="agent-retention"),
@@ -130,6 +135,8 @@ class RouterState:
                 await task
             except asyncio.CancelledError:
                 pass
+        if self.request_log is not None:
+            await self.request_log.stop()
         await self.stats.stop()
         await self.breaker.stop()
         await self.http.close()

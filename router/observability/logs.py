@@ -207,13 +207,15 @@ class AccessLog:
         if self.json:
             entry = {"time": datetime.datetime.fromtimestamp(ended, datetime.UTC).isoformat(timespec="milliseconds"),
                      "level": "INFO", "pid": self.pid, "logger": "router.access",
-                     "message": escape_controls(str(ex)), **ex.fields()}
+                     "message": str(ex), **ex.fields()}  # orjson escapes control characters itself
             return orjson.dumps(entry, default=str).decode() + "\n"
         second = int(ended)
         if second != self._second:
             self._second, self._stamp = second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        return (f"{self._stamp},{int((ended - second) * 1000):03d} INFO {self.pid} router.access: "
-                f"{escape_controls(str(ex))}\n")
+        text = str(ex)
+        if not text.isprintable():  # a client's model name, say: one line whatever it holds
+            text = escape_controls(text)
+        return f"{self._stamp},{int((ended - second) * 1000):03d} INFO {self.pid} router.access: {text}\n"
 
     def stop(self) -> None:
         self._stop.set()

@@ -33,6 +33,12 @@ _TABLES = ("model_groups", "deployments", "aliases", "agents", "client_keys", "a
 _TS = "DOUBLE PRECISION"
 _NAME = 'TEXT COLLATE "C"'  # byte order, as SQLite sorts
 
+def _request_log_migration() -> list[str]:
+    from router.observability.request_log import POSTGRES_MIGRATION
+
+    return list(POSTGRES_MIGRATION)
+
+
 # Append new migrations; never edit a released one. Each runs in one transaction.
 MIGRATIONS: list[list[str]] = [
     [
@@ -127,6 +133,8 @@ MIGRATIONS: list[list[str]] = [
      f"ALTER TABLE client_keys ADD COLUMN budget_period {_TS}",
      f"ALTER TABLE client_keys ADD COLUMN budget_start {_TS}",
      "ALTER TABLE client_keys ADD COLUMN log_content BOOLEAN"],
+    # the request log (router/observability/request_log.py), written in batches; no change trigger
+    _request_log_migration(),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

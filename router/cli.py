@@ -367,15 +367,55 @@ def create_key(
     tpm: int | None = typer.Option(None, help="Tokens per minute for this key (default RATE_LIMIT_TOKENS)."),
     models: str | None = typer.Option(None, help="Comma-separated models this key may use (default: all)."),
     expires: str | None = typer.Option(None, help="Expiry: a duration (30d, 12h, 90m) or a date (2027-01-31)."),
+    budget: float | None = typer.Option(None, help="Spend limit in US dollars per --budget-period (default: none)."),
+    budget_period: str | None = typer.Option(None, help="The budget's period: 30d, 12h, 1w, 1mo (30 days); "
+                                             "default: the key's whole life."),
+    log_content: bool | None = typer.Option(None, "--log-content/--no-log-content",
+                                            help="Store this key's prompts and answers in the request log "
+                                            "(default: REQUEST_LOG_CONTENT)."),
 ) -> None:
     """Create a client key. It is printed once; only its hash is stored."""
     s = settings()
     model_list = [m.strip() for m in models.split(",") if m.strip()] if models is not None else None
     expires_at = parse_expiry(expires)
     with registry(s) as (reg, conn):
-        secret, key = reg.create_key(conn, name, rpm, tpm, model_list, expires_at)
+        secret, key = reg.create_key(conn, name, rpm, tpm, model_list, expires_at, budget,
+                                     parse_period(budget_period), log_content)
     print(secret)
     print(f"created key {key.name!r}; it will not be shown again", file=sys.stderr)
+
+
+_PERIODS = {"mo": 30 * 86400, "w": 7 * 86400, "d": 86400, "h": 3600, "m": 60}
+
+
+def parse_period(text: str | None) -> float | None:
+    """A budget period: 30d, 12h, 90m, 1w, 1mo (30 days)."""
+    if text is None:
+        return None
+    text = text.strip().lower()
+    for unit, seconds in _PERIODS.items():
+        if text.endswith(unit) and text[:-len(unit)].isdigit() and int(text[:-len(unit)]) > 0:
+            return float(int(text[:-len(unit)]) * seconds)
+    fail(f"--budget-period must be a duration like 30d, 12h, 1w or 1mo, got {text!r}")
+
+
+@app.command("set-key-budget")
+def set_key_budget(
+    name: str = typer.Argument(..., help="The key's name or its prefix as list-keys shows it."),
+    budget: float | None = typer.Option(None, help="Spend limit in US dollars per period."),
+    budget_period: str | None = typer.Option(None, help="30d, 12h, 1w, 1mo; default: the key's whole life."),
+    clear: bool = typer.Option(False, "--clear", help="Remove the key's budget."),
+) -> None:
+    """Set a key's budget (its period starts again now), or remove it."""
+    if clear == (budget is not None):
+        fail("give --budget AMOUNT or --clear")
+    s = settings()
+    with registry(s) as (reg, conn):
+        changed = reg.set_key_budget(conn, name, None if clear else budget, parse_period(budget_period))
+    if not changed:
+        fail(f"no active key named {name!r}")
+    out.print(f"budget of {name!r} " + ("removed" if clear else f"set to ${budget:.2f}"
+                                        + (f" per {budget_period}" if budget_period else " for the key's life")))
 
 
 def parse_expiry(text: str | None) -> float | None:
@@ -394,17 +434,49 @@ def parse_expiry(text: str | None) -> float | None:
 @app.command("list-keys")
 def list_keys() -> None:
     """List client keys (names, prefixes and limits; never the keys)."""
+    from router.budgets import period_of
+
     s = settings()
     with registry(s) as (reg, conn):
         keys = reg.load_keys(conn)
     now = datetime.now().timestamp()
-    show("client keys", ("name", "prefix", "rpm", "tpm", "models", "expires", "status"), [
+    spent = _spend(s, {k.name: period_of(k, now)[0] for k in keys if k.budget is not None})
+    show("client keys", ("name", "prefix", "rpm", "tpm", "models", "expires", "budget", "spent", "remaining",
+                         "status"), [
         (k.name, k.key_prefix + "…", str(k.rpm or "default"), str(k.tpm or "default"),
          ", ".join(sorted(k.models)) if k.models is not None else "all",
          _when(k.expires_at) if k.expires_at else "never",
+         _budget(k.budget, k.budget_period),
+         f"${spent[k.name]:.4f}" if k.name in spent else "—",
+         f"${max(0.0, (k.budget or 0) - spent[k.name]):.4f}" if k.name in spent else "—",
          "revoked" if k.revoked_at is not None
          else "expired" if k.expires_at is not None and k.expires_at <= now else "active")
         for k in keys])
+
+
+def _budget(budget: float | None, period: float | None) -> str:
+    if budget is None:
+        return "—"
+    if period is None:
+        return f"${budget:.2f} total"
+    days = period / 86400
+    return f"${budget:.2f} / " + (f"{days:g}d" if days >= 1 else f"{period / 3600:g}h")
+
+
+def _spend(s: Settings, since: dict[str, float]) -> dict[str, float]:
+    """Each budgeted key's spend in its current period, from the request log (0 where it cannot be read)."""
+    if not since:
+        return {}
+    from router.observability.request_log import open_log, spend_by_key
+
+    try:
+        conn = open_log(s).connect()
+    except Exception:  # noqa: BLE001 - no log yet: nothing spent that it knows of
+        return dict.fromkeys(since, 0.0)
+    try:
+        return spend_by_key(conn, since)
+    finally:
+        conn.close()
 
 
 @app.command("revoke-key")

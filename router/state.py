@@ -27,17 +27,18 @@ import logging
 import os
 import time
 from collections.abc import Callable, Hashable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from router.agent_policy import AgentPolicy, Credential
 from router.agents import AgentDirectory
 from router.auth import KeyTable
+from router.budgets import Budgets
 from router.cache import MemoryBackend, RedisBackend, ResponseCache
 from router.config import Settings
 from router.errors import RouterError, Scrubber
 from router.observability import Metrics
 from router.observability.observer import Observer
-from router.observability.request_log import RequestLog
+from router.observability.request_log import RequestLog, open_log, spend_by_key
 from router.ratelimit import LocalLimiter, RateLimiter
 from router.liveness import Liveness
 from router.redis_link import RedisLink, RedisUnavailable
@@ -85,10 +86,7 @@ class RouterState:
         self.dispatcher = Dispatcher(settings, self.stats.clock, resolve=self.routes.resolve, breaker=self.breaker,
                                      metrics=self.metrics)
         #: each request's end: metrics, budgets, the request log, the access log, the trace
-        self.budgets: Any = None  # the keys' budgets (router.budgets), once built
-        #: one row per request, written in batches off the request path
-        self.request_log = RequestLog.from_settings(settings, self.metrics.request_log_dropped.inc)
-        self.observer = Observer(settings, self.metrics, self.request_log)
+
         self.keys = KeyTable(settings.router_master_key)
         self.agent_policy = AgentPolicy(settings)
         self.agent_register_limits = LocalLimiter()  # AGENT_REGISTER_RPM per client address, in this process
@@ -99,6 +97,11 @@ class RouterState:
         backend = (RedisBackend(self.redis) if self.redis is not None
                    else MemoryBackend(settings.cache_max_entries, settings.cache_max_bytes, self.metrics))
         self.cache = ResponseCache(settings.cache_mode, settings.cache_ttl, backend, self.metrics)
+        self.budgets = Budgets(settings, self.redis)  # spend limits per key, shared through Redis
+        #: one row per request, written in batches off the request path
+        self.request_log = RequestLog.from_settings(settings, self.metrics.request_log_dropped.inc)
+        #: each request's end: metrics, budgets, the request log, the access log, the trace
+        self.observer = Observer(settings, self.metrics, self.request_log, self.budgets)
         self.snapshot = Snapshot()  # what routing was last built from (keys and tokens are applied apart)
         self._conn: Connection | None = None  # reads and writes: our own commits never look like news
         self._file_id: tuple[int, int] | None = None  # SQLite: (st_dev, st_ino) of the file the connection opened
@@ -119,6 +122,8 @@ class RouterState:
         with contextlib.suppress(RedisUnavailable):
             await self.liveness.sync()  # the agents' liveness before the first request
         log.info("%s", self.agent_policy.describe())
+        with contextlib.suppress(Exception):  # no readable log: budgets count from zero
+            await self.budgets.seed(self.keys.keys.values(), self._spend_since)
         if self.request_log is not None:
             await self.request_log.start()
         watch = self._poll() if self._listener is None else self._listen(self._listener)
@@ -137,6 +142,7 @@ class RouterState:
                 pass
         if self.request_log is not None:
             await self.request_log.stop()
+        await self.budgets.stop()
         await self.stats.stop()
         await self.breaker.stop()
         await self.http.close()
@@ -147,6 +153,14 @@ class RouterState:
             self._conn.close()
         if self._listener is not None:
             self._listener.close()
+
+    def _spend_since(self, since: dict[str, float]) -> dict[str, float]:
+        """Keys' spend since their times, from the request log (a worker thread's call)."""
+        conn = open_log(self.settings).connect()
+        try:
+            return spend_by_key(conn, since)
+        finally:
+            conn.close()
 
     async def _sync_metrics(self) -> None:
         """Several workers: this worker's per-request metrics into its multiprocess files, every second."""

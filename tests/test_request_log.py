@@ -144,7 +144,8 @@ def test_queries_sum_what_was_written(tmp_path: Path) -> None:
     day = 86400.0
     start = 1_700_000_000.0 - 1_700_000_000.0 % day
     rows = [row(i, start + i * 3600, key=("team-a" if i % 3 else "team-b"), model=("m1" if i % 2 else "m2"),
-                status=(500 if i % 7 == 0 else 200), cost=(None if i % 5 == 0 else 0.01 * i), prompt=i, completion=2 * i)
+                status=(500 if i % 7 == 0 else 200), cost=(None if i % 5 == 0 else 0.01 * i), prompt=i,
+                completion=2 * i)
             for i in range(48)]
     write_rows(conn, rows)
     by_key = {r["key"]: r for r in usage(conn, "key", start)}

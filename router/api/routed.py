@@ -87,7 +87,7 @@ async def _serve(state: RouterState, endpoint: Endpoint, ex: Exchange, scope: Sc
         if client.key is not None:
             ex.key = client.key
             ex.log_content = bool(client.key.log_content)
-            if client.key.budget is not None and state.budgets is not None:
+            if client.key.budget is not None:
                 await state.budgets.check(client)
         response, limit_headers = await _route(state, endpoint, ex, client, scope, receive)
     except RouterError as exc:

@@ -9,6 +9,7 @@ change version and the few statements that are not portable.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from abc import ABC, abstractmethod
@@ -209,10 +210,12 @@ class RegistryStore(ABC):
     def load_keys(self, conn: Connection) -> list[ClientKey]:
         return [
             ClientKey(name, key_hash, prefix, rpm, tpm,
-                      frozenset(orjson.loads(models)) if models is not None else None, expires, created, revoked)
-            for name, key_hash, prefix, rpm, tpm, models, expires, created, revoked in conn.execute(
-                "SELECT name, key_hash, key_prefix, rpm, tpm, models, expires_at, created_at, revoked_at "
-                "FROM client_keys ORDER BY name")
+                      frozenset(orjson.loads(models)) if models is not None else None, expires, created, revoked,
+                      budget, period, start, bool(content) if content is not None else None)
+            for name, key_hash, prefix, rpm, tpm, models, expires, created, revoked, budget, period, start, content
+            in conn.execute(
+                "SELECT name, key_hash, key_prefix, rpm, tpm, models, expires_at, created_at, revoked_at, budget, "
+                "budget_period, budget_start, log_content FROM client_keys ORDER BY name")
         ]
 
     # -- groups and deployments: primitives (the caller holds a transaction) -----------------------
@@ -432,11 +435,13 @@ class RegistryStore(ABC):
     # -- client keys ----------------------------------------------------------------
 
     def create_key(self, conn: Connection, name: str | None, rpm: int | None, tpm: int | None,
-                   models: list[str] | None, expires_at: float | None) -> tuple[str, ClientKey]:
+                   models: list[str] | None, expires_at: float | None, budget: float | None = None,
+                   budget_period: float | None = None, log_content: bool | None = None) -> tuple[str, ClientKey]:
         """A new key: the secret is returned once; only its hash is stored."""
         for value, what in ((rpm, "rpm"), (tpm, "tpm")):
             if value is not None and value < 1:
                 raise RegistryError(f"{what} must be a positive number")
+        _check_budget(budget, budget_period)
         if expires_at is not None and expires_at <= time.time():
             raise RegistryError("the expiry must be in the future")
         if models is not None and (not models or not all(m.strip() for m in models)):
@@ -447,16 +452,33 @@ class RegistryStore(ABC):
         if not name:
             raise RegistryError("key name must not be empty")
         now = time.time()
+        start = now if budget is not None else None
         try:
             conn.execute(
-                "INSERT INTO client_keys (name, key_hash, key_prefix, rpm, tpm, models, expires_at, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO client_keys (name, key_hash, key_prefix, rpm, tpm, models, expires_at, created_at, "
+                "budget, budget_period, budget_start, log_content) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (name, hash_key(secret), prefix, rpm, tpm,
-                 orjson.dumps(sorted(set(models))).decode() if models is not None else None, expires_at, now))
+                 orjson.dumps(sorted(set(models))).decode() if models is not None else None, expires_at, now,
+                 budget, budget_period if budget is not None else None, start, log_content))
         except self.integrity_errors:
             raise RegistryError(f"a key named {name!r} already exists") from None
         return secret, ClientKey(name, hash_key(secret), prefix, rpm, tpm,
-                                 frozenset(models) if models is not None else None, expires_at, now, None)
+                                 frozenset(models) if models is not None else None, expires_at, now, None,
+                                 budget, budget_period if budget is not None else None, start, log_content)
+
+    def set_key_budget(self, conn: Connection, name_or_prefix: str, budget: float | None,
+                       budget_period: float | None) -> int:
+        """Set (or, with budget None, clear) a key's budget; its period starts again now."""
+        _check_budget(budget, budget_period)
+        return conn.execute(
+            "UPDATE client_keys SET budget = ?, budget_period = ?, budget_start = ? WHERE revoked_at IS NULL AND "
+            "(name = ? OR key_prefix = ?)", (budget, budget_period if budget is not None else None,
+                                            time.time() if budget is not None else None, name_or_prefix,
+                                            name_or_prefix)).rowcount
+
+    def set_key_log_content(self, conn: Connection, name_or_prefix: str, log_content: bool | None) -> int:
+        return conn.execute("UPDATE client_keys SET log_content = ? WHERE revoked_at IS NULL AND "
+                            "(name = ? OR key_prefix = ?)", (log_content, name_or_prefix, name_or_prefix)).rowcount
 
     def revoke_key(self, conn: Connection, name_or_prefix: str) -> int:
         return conn.execute("UPDATE client_keys SET revoked_at = ? WHERE revoked_at IS NULL AND "
@@ -555,3 +577,12 @@ class RegistryStore(ABC):
         return conn.execute("UPDATE agent_tokens SET revoked_at = ? WHERE revoked_at IS NULL AND "
                             "(name = ? OR token_prefix = ?)",
                             (time.time(), name_or_prefix, name_or_prefix)).rowcount
+
+
+def _check_budget(budget: float | None, period: float | None) -> None:
+    if budget is not None and not (budget > 0 and math.isfinite(budget)):
+        raise RegistryError("a budget must be a positive amount of US dollars")
+    if period is not None and not (period > 0 and math.isfinite(period)):
+        raise RegistryError("a budget period must be a positive duration")
+    if period is not None and budget is None:
+        raise RegistryError("a budget period needs a budget")

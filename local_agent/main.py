@@ -32,7 +32,7 @@ from starlette.types import Receive, Scope, Send
 from local_agent.config import AgentSettings, load_agent_settings
 from local_agent.registration import Announcer
 from local_agent.workers import Supervisor, Worker
-from router import hops
+from router import hops, upstream
 from router.api.body import parse_object, read_body
 from router.config import ConfigError
 from router.errors import RouterError, Scrubber, http_error_response, router_error_response
@@ -86,6 +86,11 @@ class Agent:
             self.authorize(scope)
             body = await read_body(scope, receive, self.settings.max_body_bytes)
             hops.outgoing.set(_received_hops(scope))  # a worker that is a router sees the chain and can refuse a loop
+            for name, value in scope["headers"]:  # the router's request id and trace go on to the worker
+                if name == b"x-request-id" and len(value) <= 200:
+                    upstream.outgoing_request_id.set(value.decode("latin-1"))
+                elif name == b"traceparent" and len(value) <= 128:
+                    upstream.outgoing_traceparent.set(value.decode("latin-1"))
             response = await self._forward(scope["path"], body)
         except RouterError as exc:
             response = exc.response()

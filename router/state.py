@@ -39,6 +39,7 @@ from router.errors import RouterError, Scrubber
 from router.observability import Metrics
 from router.observability.observer import Observer
 from router.observability.request_log import RequestLog, open_log, spend_by_key
+from router.observability.tracing import Tracing
 from router.ratelimit import LocalLimiter, RateLimiter
 from router.liveness import Liveness
 from router.redis_link import RedisLink, RedisUnavailable
@@ -101,7 +102,9 @@ class RouterState:
         #: one row per request, written in batches off the request path
         self.request_log = RequestLog.from_settings(settings, self.metrics.request_log_dropped.inc)
         #: each request's end: metrics, budgets, the request log, the access log, the trace
-        self.observer = Observer(settings, self.metrics, self.request_log, self.budgets)
+        self.tracing = Tracing.from_settings(settings)  # None unless OTEL_EXPORTER_OTLP_ENDPOINT is set
+        self.dispatcher.tracing = self.tracing
+        self.observer = Observer(settings, self.metrics, self.request_log, self.budgets, self.tracing)
         self.snapshot = Snapshot()  # what routing was last built from (keys and tokens are applied apart)
         self._conn: Connection | None = None  # reads and writes: our own commits never look like news
         self._file_id: tuple[int, int] | None = None  # SQLite: (st_dev, st_ino) of the file the connection opened
@@ -143,6 +146,8 @@ class RouterState:
         if self.request_log is not None:
             await self.request_log.stop()
         await self.budgets.stop()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # the spans still queued, within a bounded wait
         await self.stats.stop()
         await self.breaker.stop()
         await self.http.close()

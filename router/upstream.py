@@ -285,13 +285,13 @@ class UpstreamClient:
         Redirects are not followed (the answer is the upstream's own), and the hop header of the request
         being served (`router.hops`) goes with it."""
         assert self._session is not None and self._fresh is not None, "UpstreamClient.start() was not awaited"
-        chain = hops.outgoing.get()
-        if chain is not None:
-            headers = {**headers, hops.HOP_HEADER: chain}
-            request_id = outgoing_request_id.get()
+        chain, request_id, traceparent = hops.outgoing.get(), outgoing_request_id.get(), outgoing_traceparent.get()
+        if chain is not None or request_id is not None or traceparent is not None:
+            headers = dict(headers)
+            if chain is not None:
+                headers[hops.HOP_HEADER] = chain
             if request_id is not None:
                 headers[REQUEST_ID_HEADER] = request_id
-            traceparent = outgoing_traceparent.get()
             if traceparent is not None:
                 headers["traceparent"] = traceparent
         _reused.set(False)

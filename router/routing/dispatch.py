@@ -31,6 +31,7 @@ from time import perf_counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import orjson
 from starlette.responses import Response
@@ -440,7 +441,8 @@ class Dispatcher:
         if ex is not None:
             ex.deployment, ex.provider, ex.target = d.id, d.type, d
             t0 = perf_counter()
-            trace = self.tracing.start_attempt(ex, d.id, d.type, d.upstream_model, None) \
+            trace = self.tracing.start_attempt(ex, d.id, d.type, d.upstream_model,
+                                               urlsplit(getattr(d.provider, "base_url", "")).hostname) \
                 if self.tracing is not None else None
         stats, clock = d.stats, self.clock
         # the queue this request joins at a deployment that is full: its timings are scaled back to the

@@ -230,3 +230,28 @@ def test_a_router_logs_every_request_with_tokens_and_cost(start_router, stub: Op
     assert team["requests"] == 2 and team["cost"] == pytest.approx(2 * cost) and team["prompt_tokens"] == 18
     bad = router.cli("usage", "--since", "yesterday-ish")
     assert bad.returncode != 0 and "cannot read the time" in bad.stderr
+
+
+def test_prompts_and_answers_are_kept_only_for_keys_that_ask(start_router, stub: OpenAIStub, tmp_path: Path) -> None:
+    router = start_router({"OPENAI_BASE_URL": stub.url, "EXTERNAL_OPENAI_KEY": UPSTREAM_KEY})
+    kept = router.cli("create-key", "--name", "audited", "--log-content").stdout.strip()
+    plain = router.cli("create-key", "--name", "private").stdout.strip()
+    with router.http() as http:
+        assert wait_for(lambda: http.get("/v1/models", headers={"Authorization": f"Bearer {kept}"})
+                        .status_code == 200, 5)
+        ids = {}
+        for name, key in (("audited", kept), ("private", plain)):
+            for stream in (False, True):
+                resp = http.post("/v1/chat/completions", json={"model": "gpt-4o", "stream": stream, "messages": [
+                    {"role": "user", "content": f"secret question of {name}"}]},
+                    headers={"Authorization": f"Bearer {key}"})
+                ids[(name, stream)] = resp.headers["x-request-id"]
+    path = tmp_path / "data" / "requests.db"
+    assert wait_for(lambda: path.exists() and count(path) == 4, 5)
+    with sqlite3.connect(path) as conn:
+        stored = {r[0]: (r[1], r[2]) for r in conn.execute(
+            "SELECT request_id, request_body, response_body FROM request_log")}
+    for stream in (False, True):
+        request, answer = stored[ids[("audited", stream)]]
+        assert "secret question of audited" in request and "Hello" in answer
+        assert stored[ids[("private", stream)]] == (None, None)

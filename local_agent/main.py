@@ -1,6 +1,6 @@
 """The Local Agent's ASGI app: `uvicorn local_agent.main:app --port 5000`.
 
-Endpoints: `POST /v1/chat/completions` and `POST /v1/completions` (forwarded
+Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` and `POST /v1/embeddings` (forwarded
 by `model` to a healthy worker, fewest in-flight first; JSON relayed whole and
 SSE chunk by chunk through the router's own `UpstreamClient`), `GET /v1/models`
 (the models this agent can serve now), `GET /workers` (each worker's state),
@@ -40,7 +40,7 @@ from router.observability import console_handler
 from router.upstream import NOT_ANSWERED, SSEResponse, UpstreamClient
 
 log = logging.getLogger("local_agent")
-FORWARDED = ("/v1/chat/completions", "/v1/completions")
+FORWARDED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 _HOP_HEADER = hops.HOP_HEADER.encode()
 
 
@@ -123,7 +123,7 @@ class Agent:
         worker.requests += 1
         try:
             response = await self.http.forward(f"worker {worker.spec.model}", worker.urls[path], body,
-                                               self.headers, stream)
+                                               self.headers, stream, "data" if path == "/v1/embeddings" else "choices")
         except BaseException:
             worker.done()
             raise

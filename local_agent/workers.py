@@ -48,7 +48,7 @@ class Worker:
         self.since = time.time()
         base = launcher.base_url
         self.urls = {path: URL(base + path, encoded=True)
-                     for path in ("/v1/chat/completions", "/v1/completions", spec.health)}
+                     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", spec.health)}
         # an external server that knows the model by another name: requests and answers are renamed
         self.rename = (ModelRename(spec.model, spec.upstream_model)
                        if spec.upstream_model not in (None, spec.model) else None)

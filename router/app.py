@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 from router.api import agents, health, models, routed
 from router.api.chat import CHAT
 from router.api.completions import COMPLETIONS
+from router.api.embeddings import EMBEDDINGS
 from router.config import Settings, get_settings
 from router.errors import RouterError, error_body, http_error_response, router_error_response
 from router.observability import setup_logging
@@ -77,7 +78,7 @@ def create_app(settings: Settings | None = None) -> RouterApp:
 
 
 #: the routed endpoints (`router.api.routed`), by path
-ROUTED: dict[str, routed.Endpoint] = {e.path: e for e in (CHAT, COMPLETIONS)}
+ROUTED: dict[str, routed.Endpoint] = {e.path: e for e in (CHAT, COMPLETIONS, EMBEDDINGS)}
 
 
 async def _routed_route(request: Request) -> Response:

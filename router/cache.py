@@ -34,7 +34,7 @@ import asyncio
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -118,7 +118,7 @@ class ResponseCache:
 
     def policy(self, call: ChatCall, scope: Scope) -> tuple[bool, bool]:
         """(read, write) for this request."""
-        if self.mode == "off":
+        if self.mode == "off" or call.op not in CACHED_OPS:
             return False, False
         opted_in = False
         read = write = True
@@ -130,7 +130,8 @@ class ResponseCache:
                 read = read and b"no-cache" not in directives
                 write = write and b"no-store" not in directives
         temperature = call.payload.get("temperature")
-        if not (opted_in or self.mode == "all" or (temperature == 0 and not isinstance(temperature, bool))):
+        deterministic = call.op == "embeddings" or (temperature == 0 and not isinstance(temperature, bool))
+        if not (opted_in or self.mode == "all" or deterministic):
             return False, False
         return read, write
 
@@ -141,7 +142,7 @@ class ResponseCache:
         scope = client.scope if client.key is not None or client.admin else ANONYMOUS_CACHE_SCOPE
         material = {k: v for k, v in call.payload.items() if k not in NOT_SEMANTIC and k != "model"}
         digest = hashlib.sha256()
-        for part in (scope, group):
+        for part in (scope, group, call.op):
             digest.update(part.encode())
             digest.update(b"\x00")
         digest.update(orjson.dumps(material, option=orjson.OPT_SORT_KEYS))
@@ -157,7 +158,7 @@ class ResponseCache:
                 completion = orjson.loads(stored)
             except orjson.JSONDecodeError:
                 pass
-        if not is_completion(completion):  # absent, or not a completion (never replayed as one)
+        if not STORABLE[call.op](completion):  # absent, or not an answer of this kind (never replayed as one)
             self.metrics.cache_requests.labels("miss").inc()
             return None
         assert stored is not None and completion is not None
@@ -170,7 +171,7 @@ class ResponseCache:
         replay.raw_headers += HIT
         return replay
 
-    def record(self, key: str, response: Response | SSEResponse) -> None:
+    def record(self, key: str, response: Response | SSEResponse, op: str = "chat") -> None:
         """Store the answer once it is complete, off the request's path."""
         response.raw_headers += MISS
         if response.status_code != 200:
@@ -183,7 +184,7 @@ class ResponseCache:
                 completion = orjson.loads(response.body)
             except orjson.JSONDecodeError:
                 return
-            if is_completion(completion):  # only a completion is ever stored
+            if STORABLE[op](completion):  # only an answer of the request's kind is ever stored
                 self._store(key, bytes(response.body))
 
     async def _recording(self, key: str, source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -202,6 +203,12 @@ class ResponseCache:
         task = asyncio.get_running_loop().create_task(self.backend.set(key, value, self.ttl))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def is_embeddings(value: Any) -> bool:
+    """An embeddings answer: a list object whose `data` are embedding objects."""
+    return (isinstance(value, dict) and value.get("object") == "list" and isinstance(data := value.get("data"), list)
+            and all(isinstance(d, dict) and d.get("object") == "embedding" for d in data))
 
 
 def is_completion(value: Any) -> bool:
@@ -344,3 +351,8 @@ async def replay_stream(completion: dict[str, Any], include_usage: bool) -> Asyn
     if include_usage and completion.get("usage"):
         yield event([], usage=completion["usage"])
     yield b"data: [DONE]\n\n"
+
+
+#: what each cached operation stores: an answer of its own kind only
+STORABLE: dict[str, Callable[[Any], bool]] = {"chat": is_completion, "embeddings": is_embeddings}
+CACHED_OPS = frozenset(STORABLE)

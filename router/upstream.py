@@ -34,6 +34,7 @@ _PASS_HEADERS: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ("openai-processing-ms", lambda v: v.replace(".", "", 1).isdigit()),
     ("x-request-id", lambda v: len(v) <= 200 and v.isascii() and v.isprintable()),
 )
+_WHAT = {"choices": "a completion", "data": "a list of embeddings"}
 #: upstream headers a client sees under another name: the router's own `x-request-id` is the request's
 _RENAMED = {"x-request-id": "x-upstream-request-id"}
 _DONE_TAIL = 32  # bytes of stream tail kept to see whether `data: [DONE]` arrived
@@ -364,8 +365,9 @@ class UpstreamClient:
     # -- OpenAI-compatible pass-through ------------------------------------------
 
     async def forward(self, provider: str, url: str | URL, body: bytes, headers: Mapping[str, str],
-                      stream: bool) -> Response | SSEResponse:
-        """POST `body` as is and relay the answer: JSON whole (once seen to be a completion), SSE chunk by chunk."""
+                      stream: bool, field: str = "choices") -> Response | SSEResponse:
+        """POST `body` as is and relay the answer: JSON whole (once seen to hold its `field` list: a completion's
+        `choices`, embeddings' `data`), SSE chunk by chunk."""
         resp = await self.open(provider, url, body, headers)
         if resp.status >= 400:
             raise self.error_from(provider, resp, await self.read(provider, url, resp))
@@ -376,10 +378,14 @@ class UpstreamClient:
             answer = orjson.loads(data)
         except orjson.JSONDecodeError:
             answer = None
-        if not (isinstance(answer, dict) and isinstance(answer.get("choices"), list)):
+        if not (isinstance(answer, dict) and isinstance(answer.get(field), list)):
             raise RouterError(502, f"upstream {provider} answered HTTP {resp.status} with "
-                              f"{_kind(resp)} that is not a completion", code="upstream_bad_response")
-        return JSONAnswer(data, resp.status, pass_headers(resp, self.scrub))
+                              f"{_kind(resp)} that is not {_WHAT.get(field, 'an answer')}",
+                              code="upstream_bad_response")
+        out = JSONAnswer(data, resp.status, pass_headers(resp, self.scrub))
+        usage = answer.get("usage")
+        out.usage = usage if isinstance(usage, dict) else None  # read once here: metrics and budgets need it
+        return out
 
     def relay(self, provider: str, url: str | URL, resp: aiohttp.ClientResponse,
               source: AsyncIterator[bytes]) -> SSEResponse:

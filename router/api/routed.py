@@ -233,5 +233,5 @@ async def answer(state: RouterState, client: Client, group: ModelGroup, name: st
             return cached
     response = await state.dispatcher.send(group, call, client, then, ex)
     if write:
-        state.cache.record(key, response)
+        state.cache.record(key, response, call.op)
     return response

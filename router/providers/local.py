@@ -34,6 +34,17 @@ class LocalProvider(OpenAICompatibleProvider):
         super().__init__(http, endpoint or "", token, key_required=False)
 
     async def chat(self, call: ChatCall) -> Response | SSEResponse:
+        self._reachable()
+        return await super().chat(call)
+
+    async def embeddings(self, call: ChatCall) -> Response:
+        self._reachable()
+        return await super().embeddings(call)
+
+    async def completions(self, call: ChatCall) -> Response | SSEResponse:
+        self._reachable()
+        return await super().completions(call)
+
+    def _reachable(self) -> None:
         if not self.base_url:  # the `local` prefix rule without LOCAL_AGENT_URL: as if nothing answered
             raise RouterError(502, "LOCAL_AGENT_URL is not set", code="upstream_unreachable")
-        return await super().chat(call)

@@ -17,12 +17,13 @@ from starlette.responses import Response
 from yarl import URL
 
 from router.providers.base import ApiProvider, ChatCall, same_origin
+from router.upstream import SSEResponse
 
 if TYPE_CHECKING:
     from pydantic import SecretStr
 
     from router.config import Settings
-    from router.upstream import SSEResponse, UpstreamClient
+    from router.upstream import UpstreamClient
 
 
 class OpenAICompatibleProvider(ApiProvider):
@@ -36,6 +37,18 @@ class OpenAICompatibleProvider(ApiProvider):
         if url is None:
             url = self._url = URL(self.chat_url(), encoded=True)  # parsed once
         return await self.http.forward(self.type, url, call.body, self.headers(), call.stream)
+
+    async def embeddings(self, call: ChatCall) -> Response:
+        """`/v1/embeddings`, passed through; the answer must be a list of embeddings."""
+        answer = await self.http.forward(self.type, self.base_url + "/v1/embeddings", call.body, self.headers(),
+                                         False, "data")
+        assert not isinstance(answer, SSEResponse)
+        return answer
+
+    async def completions(self, call: ChatCall) -> Response | SSEResponse:
+        """The legacy `/v1/completions`, passed through, streams as they come."""
+        return await self.http.forward(self.type, self.base_url + "/v1/completions", call.body, self.headers(),
+                                       call.stream)
 
 
 class OpenAIProvider(OpenAICompatibleProvider):

@@ -44,6 +44,7 @@ log = logging.getLogger("router.routing")
 PREFIX_RULES: tuple[tuple[str, str], ...] = (
     ("local", "local"),
     ("gpt-", "openai"), ("chatgpt-", "openai"), ("o1", "openai"), ("o3", "openai"), ("o4", "openai"),
+    ("text-embedding-", "openai"),
     ("llmd-", "llm-d"),
     ("claude", "anthropic"),
     ("google", "google"), ("gemini", "google"),

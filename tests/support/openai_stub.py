@@ -30,6 +30,8 @@ Behaviour is chosen by the requested model name:
 from __future__ import annotations
 
 import asyncio
+import base64
+import struct
 import threading
 import time
 from typing import Any
@@ -42,11 +44,13 @@ from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
 from openai.types.chat.chat_completion_chunk import ChoiceDelta, ChoiceDeltaToolCall, ChoiceDeltaToolCallFunction
 from openai.types.chat.chat_completion_message import ChatCompletionMessage
 from openai.types.chat.chat_completion_message_tool_call import ChatCompletionMessageToolCall, Function
+from openai.types import Completion, CompletionChoice, CreateEmbeddingResponse, Embedding
 from openai.types.completion_usage import CompletionUsage
+from openai.types.create_embedding_response import Usage as EmbeddingUsage
 from openai.types.model import Model
 
 from tests.support.schema import errors as spec_errors
-from tests.support.server import ThreadedServer
+from tests.support.server import ThreadedServer, sse_response
 from tests.support.schema import validator
 
 
@@ -80,6 +84,8 @@ class OpenAIStub(ThreadedServer):
         app.router.add_post("/api/v1/chat/completions", self._chat)  # OpenRouter's and Venice's layout
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/api/v1/models", self._models)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/completions", self._completions)
 
     def reset(self) -> None:
         super().reset()
@@ -140,6 +146,70 @@ class OpenAIStub(ThreadedServer):
         body = {**self.completion(payload).model_dump(mode="json", exclude_unset=True), **self.extra_fields}
         return web.Response(body=orjson.dumps(body), content_type="application/json",
                             headers={"x-request-id": "req_stub"})
+
+    async def _checked(self, request: web.Request, schema: str) -> dict[str, Any] | web.Response:
+        body = await request.read()
+        self.record(request, body)
+        payload = orjson.loads(body)
+        found = spec_errors(schema, payload)
+        if found:
+            self.spec_violations.extend(found)
+            return web.json_response({"error": {"message": "; ".join(found), "type": "invalid_request_error",
+                                                "param": None, "code": None}}, status=400)
+        denied = self._unauthorized(request)
+        return denied if denied is not None else payload
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        """Deterministic vectors (`dimensions` long, else 8) from each input's text, as OpenAI answers them."""
+        payload = await self._checked(request, "CreateEmbeddingRequest")
+        if isinstance(payload, web.Response):
+            return payload
+        value = payload["input"]
+        inputs = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else value
+        size = payload.get("dimensions") or 8
+        data = []
+        for i, item in enumerate(inputs):
+            seed = sum(map(ord, item)) if isinstance(item, str) else sum(item)
+            vector = [((seed * (k + 1)) % 97) / 97.0 for k in range(size)]
+            data.append(Embedding(object="embedding", index=i, embedding=vector).model_dump(mode="json"))
+        tokens = sum(len(x.split()) if isinstance(x, str) else len(x) for x in inputs)
+        answer = CreateEmbeddingResponse(object="list", data=[Embedding(**d) for d in data], model=payload["model"],
+                                         usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
+        body = answer.model_dump(mode="json")
+        if payload.get("encoding_format") == "base64":
+            for entry in body["data"]:
+                entry["embedding"] = base64.b64encode(struct.pack(f"<{size}f", *entry["embedding"])).decode()
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        """The legacy completions API: "Hello from <name>" as text, streaming or not."""
+        payload = await self._checked(request, "CreateCompletionRequest")
+        if isinstance(payload, web.Response):
+            return payload
+        asked = bool((payload.get("stream_options") or {}).get("include_usage"))
+        usage = CompletionUsage(prompt_tokens=5, completion_tokens=3, total_tokens=8)
+        if not payload.get("stream"):
+            answer = Completion(id="cmpl-stub", object="text_completion", created=1700000000, model=payload["model"],
+                                choices=[CompletionChoice(index=0, text=self.reply_text(), finish_reason="stop",
+                                                          logprobs=None)], usage=usage)
+            return web.Response(body=orjson.dumps(answer.model_dump(mode="json", exclude_unset=True)),
+                                content_type="application/json")
+        words = self.reply_text().split(" ")
+        events = []
+        for i, word in enumerate(words):
+            # mid-stream choices have no finish_reason yet, which the SDK's type does not allow: as OpenAI sends
+            chunk = Completion(id="cmpl-stub", object="text_completion", created=1700000000, model=payload["model"],
+                               choices=[CompletionChoice.model_construct(
+                                   index=0, text=word if i == 0 else " " + word, logprobs=None,
+                                   finish_reason="stop" if i == len(words) - 1 else None)])
+            if asked:
+                chunk.usage = None
+            events.append(b"data: " + orjson.dumps(chunk.model_dump(mode="json", exclude_unset=True)) + b"\n\n")
+        if asked:
+            last = Completion(id="cmpl-stub", object="text_completion", created=1700000000, model=payload["model"],
+                              choices=[], usage=usage)
+            events.append(b"data: " + orjson.dumps(last.model_dump(mode="json", exclude_unset=True)) + b"\n\n")
+        return await sse_response(request, [*events, b"data: [DONE]\n\n"])
 
     # -- canned answers from the SDK's types --------------------------------------------
 

@@ -110,3 +110,25 @@ def test_legacy_completions_stream_and_not(router, stub: OpenAIStub) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="gpt-3.5-turbo-instruct", prompt=None)  # type: ignore[arg-type]
     assert err.value.body["param"] == "prompt"  # type: ignore[index]
+
+
+def test_gemini_embeddings_are_translated(hosted, gemini_upstream) -> None:
+    gemini_upstream.reset()
+    client = hosted.client()
+    answer = client.embeddings.create(model="gemini-embedding-001", input=["first text", "second"], dimensions=4)
+    sent = gemini_upstream.requests[-1]
+    assert sent.path == "/v1beta/models/gemini-embedding-001:batchEmbedContents" and not gemini_upstream.violations
+    assert [r["content"]["parts"][0]["text"] for r in sent.json()["requests"]] == ["first text", "second"]
+    assert all(r["outputDimensionality"] == 4 for r in sent.json()["requests"])
+    assert [len(d.embedding) for d in answer.data] == [4, 4] and answer.model == "gemini-embedding-001"
+    assert answer.usage.prompt_tokens > 0  # estimated: Gemini reports none
+    floats = client.embeddings.with_raw_response.create(model="gemini-embedding-001", input="x",
+                                                        encoding_format="float").http_response.json()
+    assert_valid("CreateEmbeddingResponse", floats)  # (the spec's schema knows only the float form)
+    raw = client.embeddings.with_raw_response.create(model="gemini-embedding-001", input="x",
+                                                     encoding_format="base64").http_response.json()
+    decoded = struct.unpack("<6f", base64.b64decode(raw["data"][0]["embedding"]))  # six float32s
+    assert decoded == pytest.approx(floats["data"][0]["embedding"], abs=1e-6)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model="gemini-embedding-001", input=[1, 2, 3])
+    assert err.value.body["param"] == "input"  # type: ignore[index]

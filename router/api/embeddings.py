@@ -8,16 +8,13 @@ so the response cache keeps them by default (`CACHE_MODE=deterministic`).
 
 from __future__ import annotations
 
-import base64
-import struct
 from typing import Any
-
-import orjson
 
 from router.api.body import parse_object
 from router.api.chat import model_of
 from router.api.routed import Endpoint
 from router.errors import RouterError
+from router.embeddings import is_tokens as _tokens
 from router.providers.base import ChatCall
 
 MAX_INPUTS = 2048
@@ -27,9 +24,6 @@ def _bad(message: str, param: str, code: str = "invalid_value") -> RouterError:
     return RouterError(400, message, param=param, code=code)
 
 
-def _tokens(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool)
-                                                           and t >= 0 for t in value)
 
 
 def check_input(value: Any) -> None:
@@ -69,27 +63,6 @@ def parse_embeddings(body: bytes) -> ChatCall:
     if user is not None and not isinstance(user, str):
         raise _bad("'user' must be a string.", "user", "invalid_type")
     return ChatCall(model, payload, body, False, False, "embeddings")
-
-
-def inputs_of(payload: dict[str, Any]) -> list[Any]:
-    """The request's inputs as a list: strings, or token-id lists."""
-    value = payload["input"]
-    if isinstance(value, str) or _tokens(value):
-        return [value]
-    return list(value)
-
-
-def to_base64(vector: list[float]) -> str:
-    """A vector as OpenAI's base64 encoding: little-endian float32."""
-    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-
-
-def embedding_response(vectors: list[list[float]], model: str, prompt_tokens: int, encoding: str) -> bytes:
-    """OpenAI's `CreateEmbeddingResponse`."""
-    data = [{"object": "embedding", "index": i, "embedding": to_base64(v) if encoding == "base64" else v}
-            for i, v in enumerate(vectors)]
-    return orjson.dumps({"object": "list", "data": data, "model": model,
-                         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
 
 
 EMBEDDINGS = Endpoint("/v1/embeddings", parse_embeddings)

@@ -123,7 +123,8 @@ class Observer:
                 completion = 0  # embeddings: no output tokens
             if prompt is not None or completion is not None:
                 ex.prompt_tokens, ex.completion_tokens, ex.cached_tokens = prompt, completion, cached
-                ex.usage_source = COUNTED if ex.provider in COUNTING_TYPES else UPSTREAM
+                ex.usage_source = (ESTIMATED if usage.get("estimated") else
+                                   COUNTED if ex.provider in COUNTING_TYPES else UPSTREAM)
         if ex.usage_source is None and payload is not None:
             ex.prompt_tokens = prompt_tokens(payload)
             ex.completion_tokens = answer_units

@@ -36,8 +36,13 @@ from typing import Any
 import orjson
 from httpx_sse import ServerSentEvent
 
+from starlette.responses import Response
+
+from router.embeddings import embedding_response, inputs_of
 from router.errors import RouterError, upstream_error
 from router.providers.base import ChatCall
+from router.routing.estimate import CHARS_PER_TOKEN
+from router.upstream import JSONAnswer, pass_headers
 from router.providers.translate import (
     JSON, ChunkWriter, TranslatingProvider, append_turn, bad_request, choice, completion, data_uri, function_tools,
     max_tokens_of, named_tool_choice, new_id, parse_arguments, reject_unsupported, stop_list, text_of,
@@ -94,6 +99,37 @@ class GoogleProvider(TranslatingProvider):
         cid = "chatcmpl-" + data["responseId"] if data.get("responseId") else new_id()
         return completion(cid, data.get("modelVersion") or call.model, choices,
                           usage_of(data.get("usageMetadata") or {}))
+
+    async def embeddings(self, call: ChatCall) -> Response:
+        """`batchEmbedContents`, one request per input text. Gemini reports no tokens for embeddings: the
+        usage is an estimate (about 4 characters a token)."""
+        inputs = inputs_of(call.payload)
+        if not all(isinstance(text, str) for text in inputs):
+            raise RouterError(400, "Gemini deployments embed text, not token arrays.", param="input",
+                              code="invalid_value")
+        model = call.model.removeprefix("google/").removeprefix("models/")
+        dimensions = call.payload.get("dimensions")
+        extra = {"outputDimensionality": dimensions} if dimensions is not None else {}
+        body = orjson.dumps({"requests": [{"model": f"models/{model}", "content": {"parts": [{"text": text}]},
+                                           **extra} for text in inputs]})
+        url = f"{self.base_url}/v1beta/models/{model}:batchEmbedContents"
+        resp = await self.http.open(self.type, url, body, self.headers())
+        data = await self.http.read(self.type, url, resp)
+        if resp.status >= 400:
+            raise self.build_error(resp.status, data, pass_headers(resp))
+        try:
+            vectors = [[float(v) for v in e["values"]] for e in orjson.loads(data)["embeddings"]]
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise RouterError(502, f"upstream {self.type} sent embeddings the router could not read: "
+                              f"{exc.__class__.__name__}", code="upstream_bad_response") from None
+        if len(vectors) != len(inputs):
+            raise RouterError(502, f"upstream {self.type} sent {len(vectors)} embeddings for {len(inputs)} inputs",
+                              code="upstream_bad_response")
+        tokens = sum(len(text) // CHARS_PER_TOKEN + 1 for text in inputs)
+        encoding = call.payload.get("encoding_format", "float")
+        out = JSONAnswer(embedding_response(vectors, call.model, tokens, encoding), 200, {})
+        out.usage = {"prompt_tokens": tokens, "total_tokens": tokens, "estimated": True}
+        return out
 
     def build_error(self, status: int, body: bytes, headers: dict[str, str]) -> RouterError:
         err = upstream_error(status, body, self.http.scrub, self.type, headers)

@@ -133,6 +133,31 @@ class GeminiStub(ThreadedServer):
             body["nextPageToken"] = str(start + 2)
         return web.json_response(body)
 
+    def _embed(self, model: str, body: dict[str, Any]) -> web.Response:
+        """`batchEmbedContents`: each request checked against the REST shape (its content with the SDK's
+        `Content`); deterministic vectors, `outputDimensionality` long (else 6)."""
+        errors = [f"unknown field {k!r}" for k in body if k != "requests"]
+        answers = []
+        for i, item in enumerate(body.get("requests") or []):
+            errors += [f"requests[{i}]: unknown field {k!r}" for k in item
+                       if k not in ("model", "content", "taskType", "title", "outputDimensionality")]
+            if item.get("model") != f"models/{model}":
+                errors.append(f"requests[{i}].model must be models/{model}")
+            try:
+                content = TypeAdapter(t.Content).validate_python(item.get("content"))
+            except ValidationError as exc:
+                errors.append(f"requests[{i}].content: {exc.errors()[0]['msg']}")
+                continue
+            text = "".join(p.text or "" for p in content.parts or [])
+            size = item.get("outputDimensionality") or 6
+            answers.append({"values": [((sum(map(ord, text)) * (k + 2)) % 89) / 89.0 for k in range(size)]})
+        if not body.get("requests"):
+            errors.append("requests is required")
+        if errors:
+            self.violations.extend(errors)
+            return self._error(400, "INVALID_ARGUMENT", "; ".join(errors))
+        return web.json_response({"embeddings": answers})
+
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         received = self.record(request, raw)
@@ -143,6 +168,8 @@ class GeminiStub(ThreadedServer):
                                f"API key not valid: {request.headers.get('x-goog-api-key')}")
         model, _, action = request.match_info["call"].partition(":")
         body = orjson.loads(raw)
+        if action == "batchEmbedContents":
+            return self._embed(model, body)
         errors = request_errors(body)
         if errors:
             self.violations.extend(errors)

@@ -20,6 +20,7 @@ import asyncio
 import ctypes
 import gc
 import importlib.util
+import json
 import logging
 import os
 import threading
@@ -186,6 +187,10 @@ class LoadedModel:
     waiting: int = 0
     active: int = 0
     eos_ids: frozenset[int] = field(default_factory=frozenset)
+    #: an embedding model (a sentence-transformers folder): how its token vectors pool into one ("mean", "cls",
+    #: "max"), and whether that is L2-normalised; None: a generative model
+    pooling: str | None = None
+    normalize: bool = False
 
 
 class WeightStore:
@@ -280,6 +285,21 @@ class WeightStore:
         log.info("loading %s from %s%s on %s", name, ref.folder, f" ({ref.gguf_file})" if ref.gguf_file else "",
                  device)
         tokenizer = AutoTokenizer.from_pretrained(ref.folder, **extra)
+        pooling, normalize = sentence_transformer(ref.folder)
+        if pooling is not None:
+            from transformers import AutoModel
+
+            model = AutoModel.from_pretrained(ref.folder, dtype=dtype)
+            cast(Any, model).to(device)
+            model.eval()
+            seconds = time.perf_counter() - started
+            context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 512
+            log.info("loaded %s in %.1fs (%s, %s, embeddings: %s pooling%s)", name, seconds, device, model.dtype,
+                     pooling, ", normalised" if normalize else "")
+            concurrency = s.hf_max_concurrency
+            return LoadedModel(name, model, tokenizer, device, seconds, context, asyncio.Semaphore(concurrency),
+                               ThreadPoolExecutor(concurrency, thread_name_prefix=f"hf-{name}"), pooling=pooling,
+                               normalize=normalize)
         model = AutoModelForCausalLM.from_pretrained(ref.folder, dtype=dtype, **extra)
         cast(Any, model).to(device)  # transformers types `to` through a decorator mypy cannot follow
         model.eval()
@@ -293,6 +313,51 @@ class WeightStore:
         concurrency = s.hf_max_concurrency
         return LoadedModel(name, model, tokenizer, device, seconds, context, asyncio.Semaphore(concurrency),
                            ThreadPoolExecutor(concurrency, thread_name_prefix=f"hf-{name}"), eos_ids=eos_ids)
+
+
+def sentence_transformer(folder: Path) -> tuple[str | None, bool]:
+    """(pooling, normalise) of a sentence-transformers folder (its `modules.json` names a Pooling module, whose
+    config says the mode, and maybe a Normalize module); (None, False) for any other model."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+    except (OSError, ValueError):
+        return None, False
+    kinds = {str(m.get("type", "")).rsplit(".", 1)[-1]: m for m in modules if isinstance(m, dict)}
+    pooling = kinds.get("Pooling")
+    if pooling is None:
+        return None, False
+    try:
+        config = json.loads((folder / str(pooling.get("path", "")) / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {"pooling_mode_mean_tokens": True}
+    mode = ("cls" if config.get("pooling_mode_cls_token") else "max" if config.get("pooling_mode_max_tokens")
+            else "mean")
+    return mode, "Normalize" in kinds
+
+
+def embed(lm: LoadedModel, inputs: list[str] | list[list[int]]) -> tuple[list[list[float]], int]:
+    """Vectors of `inputs` (texts, or token-id lists) and the tokens they took; on the model's thread."""
+    import torch
+
+    tokenizer = lm.tokenizer
+    if inputs and isinstance(inputs[0], str):
+        batch = tokenizer(inputs, padding=True, truncation=True, max_length=lm.context, return_tensors="pt")
+    else:
+        batch = tokenizer.pad({"input_ids": [ids[:lm.context] for ids in inputs]}, return_tensors="pt")
+    batch = {k: v.to(lm.device) for k, v in batch.items()}
+    mask = batch["attention_mask"]
+    with torch.inference_mode():
+        hidden = lm.model(**batch).last_hidden_state
+        if lm.pooling == "cls":
+            pooled = hidden[:, 0]
+        elif lm.pooling == "max":
+            pooled = hidden.masked_fill(mask.unsqueeze(-1) == 0, float("-inf")).max(dim=1).values
+        else:
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+        if lm.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+    return pooled.float().cpu().tolist(), int(mask.sum().item())
 
 
 def release_memory(device: str) -> None:

@@ -21,14 +21,15 @@ from typing import Any
 
 from starlette.responses import Response
 
+from router.embeddings import embedding_response, inputs_of
 from router.errors import RouterError
 from router.providers.base import ChatCall, WeightProvider
 from router.providers.translate import (
     ChunkWriter, bad_request, choice, completion, max_tokens_of, new_id, reject_unsupported, stop_list, text_of,
     usage_block,
 )
-from router.upstream import SSEResponse
-from router.weights import Generated, LoadedModel, Sampling, WeightStore, generate
+from router.upstream import JSONAnswer, SSEResponse
+from router.weights import Generated, LoadedModel, Sampling, WeightStore, embed, generate
 
 log = logging.getLogger("router.providers.huggingface")
 JSON = dict[str, Any]
@@ -88,10 +89,39 @@ class HuggingFaceProvider(WeightProvider):
         self.store = store
         self.endpoint = endpoint  # the hub (or a mirror) to download from when the weights are not local
 
+    async def embeddings(self, call: ChatCall) -> Response:
+        """Embeddings in this process, from a sentence-transformers model (pooling and normalisation as its
+        folder says), on the model's thread; `prompt_tokens` are the tokens the inputs took."""
+        if call.payload.get("dimensions") is not None:
+            raise RouterError(400, f"Model '{call.model}' has a fixed number of dimensions; 'dimensions' is not "
+                              "supported for it.", param="dimensions", code="invalid_value")
+        lm = await self.store.acquire(call.model, self.endpoint)
+        if lm.pooling is None:
+            raise RouterError(400, f"Model '{call.model}' generates text; it does not make embeddings.",
+                              param="model", code="unsupported_operation")
+        await lm.slots.acquire()
+        lm.active += 1
+        try:
+            vectors, tokens = await asyncio.get_running_loop().run_in_executor(
+                lm.executor, embed, lm, inputs_of(call.payload))
+        except RuntimeError:  # the executor was shut down (the model unloaded meanwhile)
+            raise RouterError(503, f"Model '{lm.name}' was unloaded; retry.", code="model_overloaded",
+                              headers={"Retry-After": "1"}) from None
+        finally:
+            lm.active -= 1
+            lm.slots.release()
+        encoding = call.payload.get("encoding_format", "float")
+        out = JSONAnswer(embedding_response(vectors, call.model, tokens, encoding), 200, {})
+        out.usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return out
+
     async def chat(self, call: ChatCall) -> Response | SSEResponse:
         sampling = sampling_of(call.payload)
         messages = messages_of(call.payload)
         lm = await self.store.acquire(call.model, self.endpoint)
+        if lm.pooling is not None:
+            raise RouterError(400, f"Model '{call.model}' makes embeddings; use /v1/embeddings.", param="model",
+                              code="unsupported_operation")
         if lm.waiting >= self.store.settings.hf_max_queue:
             raise RouterError(503, f"Model '{call.model}' is busy: {lm.waiting} requests are waiting. Retry shortly.",
                               code="model_overloaded", headers={"Retry-After": "1"})

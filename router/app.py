@@ -22,6 +22,7 @@ from router.api import agents, health, models, routed
 from router.api.chat import CHAT
 from router.api.completions import COMPLETIONS
 from router.api.embeddings import EMBEDDINGS
+from router.api.messages import MESSAGES, count as count_tokens
 from router.config import Settings, get_settings
 from router.errors import RouterError, error_body, http_error_response, router_error_response
 from router.observability import setup_logging
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> RouterApp:
     app = Starlette(
         routes=[
             *(Route(path, _routed_route, methods=["POST"]) for path in ROUTED),
+            Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
             Route("/v1/models", models.list_models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
             Route("/register", agents.register, methods=["POST"]),
@@ -78,7 +80,7 @@ def create_app(settings: Settings | None = None) -> RouterApp:
 
 
 #: the routed endpoints (`router.api.routed`), by path
-ROUTED: dict[str, routed.Endpoint] = {e.path: e for e in (CHAT, COMPLETIONS, EMBEDDINGS)}
+ROUTED: dict[str, routed.Endpoint] = {e.path: e for e in (CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES)}
 
 
 async def _routed_route(request: Request) -> Response:

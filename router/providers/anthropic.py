@@ -44,7 +44,8 @@ from router.providers.translate import (
     max_tokens_of, named_tool_choice, parse_arguments, reject_unsupported, stop_list, text_of, tool_call,
     usage_block,
 )
-from router.upstream import JSONAnswer, SSEResponse, pass_headers
+from router.providers.anthropic_messages import error_event
+from router.upstream import JSONAnswer, SSEResponse, close_source, pass_headers
 
 # Model-name prefixes and the max_tokens sent when the client gives none.
 DEFAULT_MAX_TOKENS: tuple[tuple[str, int], ...] = (
@@ -101,7 +102,9 @@ class AnthropicProvider(TranslatingProvider):
             data = await self.http.read(self.type, url, resp)
             raise self.build_error(resp.status, data, pass_headers(resp))
         if call.stream:
-            return self.http.relay(self.type, url, resp, self.http.lines(self.type, resp, b"message_stop"))
+            relayed = self.http.relay(self.type, url, resp, self.http.lines(self.type, resp, b"message_stop"))
+            relayed.body_iterator = _anthropic_errors(relayed.body_iterator, relayed)
+            return relayed
         data = await self.http.read(self.type, url, resp)
         try:
             answer = orjson.loads(data)
@@ -175,6 +178,19 @@ class AnthropicProvider(TranslatingProvider):
             # ping, thinking and signature deltas: nothing to send
         raise RouterError(502, "upstream anthropic closed the stream before message_stop",
                           code="upstream_stream_truncated")
+
+
+async def _anthropic_errors(source: AsyncIterator[bytes], response: SSEResponse) -> AsyncIterator[bytes]:
+    """A passed-through Messages stream whose failure midway (the relay's own final event, in OpenAI's shape)
+    is told as Anthropic's `event: error`."""
+    try:
+        async for chunk in source:
+            failure = response.failure
+            if failure is not None and (at := chunk.find(b'data: {"error"')) >= 0:
+                chunk = chunk[:at] + error_event(failure.status, failure.message)
+            yield chunk
+    finally:
+        await close_source(source)
 
 
 # -- requests --------------------------------------------------------------------

@@ -9,10 +9,12 @@ whatever `Response` it gives back (JSON, or an `SSEResponse` for streams).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
+import orjson
 from starlette.responses import Response
 
 from router.errors import RouterError
@@ -58,6 +60,28 @@ class Provider(ABC):
         """Answer one `/v1/embeddings` request (OpenAI's format), or raise `RouterError`."""
         raise RouterError(400, f"Deployments of type '{self.type}' do not serve embeddings.",
                           code="unsupported_operation", param="model")
+
+    async def messages(self, call: ChatCall) -> Response | SSEResponse:
+        """Answer one Anthropic Messages request (`call.payload` is one): translated to a chat completion for
+        this provider and its answer back (`router.providers.anthropic_messages`); Anthropic's own deployments
+        pass it through instead."""
+        from router.providers.anthropic_messages import from_chat, to_chat
+        from router.upstream import JSONAnswer, SSEResponse
+
+        chat = to_chat(call.payload)
+        chat["model"] = call.model
+        param = self.max_tokens_param
+        if param is not None and param != "max_tokens":
+            chat[param] = chat.pop("max_tokens")
+        response = await self.chat(ChatCall(call.model, chat, orjson.dumps(chat), call.stream, call.stream))
+        if isinstance(response, SSEResponse):
+            response.body_iterator = _as_messages(response.body_iterator, call.model)
+            return response
+        completion = orjson.loads(response.body)
+        out = JSONAnswer(orjson.dumps(from_chat(completion, call.model)), response.status_code, {})
+        out.raw_headers += [(k, v) for k, v in response.raw_headers if k not in (b"content-length", b"content-type")]
+        out.usage = completion.get("usage") if isinstance(completion.get("usage"), dict) else None
+        return out
 
     async def completions(self, call: ChatCall) -> Response | SSEResponse:
         """Answer one legacy `/v1/completions` request, streaming or not, or raise `RouterError`."""
@@ -127,6 +151,24 @@ class ApiProvider(Provider):
                     code="provider_not_configured")
             return None
         return self.api_key.get_secret_value()
+
+
+async def _as_messages(source: AsyncIterator[bytes], model: str) -> AsyncIterator[bytes]:
+    """A chat stream as Anthropic's Messages events."""
+    from router.providers.anthropic_messages import StreamTranslator
+    from router.upstream import close_source
+
+    translator = StreamTranslator(model)
+    try:
+        async for chunk in source:
+            out = translator.feed(chunk)
+            if out:
+                yield out
+        tail = translator.close()
+        if tail:
+            yield tail
+    finally:
+        await close_source(source)
 
 
 class WeightProvider(Provider):

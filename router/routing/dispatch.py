@@ -161,10 +161,10 @@ class _Replayed:
         await close_source(self.source)
 
 
-#: what marks an OpenAI-format chunk as carrying the answer: text (a legacy completion's `text` too), a tool
-#: call, a refusal, the end
+#: what marks a chunk as carrying the answer: text (a legacy completion's `text` too), a tool call, a refusal,
+#: the end; in Anthropic's Messages events, a block's delta or the end
 _CONTENT = re.compile(rb'"(?:content|reasoning_content|refusal|text)"\s*:\s*"[^"]|"tool_calls"\s*:\s*\[\s*\{'
-                      rb'|"finish_reason"\s*:\s*"|\[DONE\]')
+                      rb'|"finish_reason"\s*:\s*"|\[DONE\]|content_block_delta|message_stop')
 _READ_AHEAD_LIMIT = 64 * 1024  # bytes read ahead before the first content at most (then it is sent as it is)
 
 
@@ -462,7 +462,7 @@ class Dispatcher:
                                           else getattr(d.provider, sent.op)(sent))
                         if isinstance(response, SSEResponse):
                             response.body_iterator = UsageTap(
-                                response.body_iterator, response, not call.include_usage,
+                                response.body_iterator, response, sent.op in _ASKS_USAGE and not call.include_usage,
                                 [] if ex is not None and ex.log_content else None)
                             await _first_content(response)
                 except TimeoutError:

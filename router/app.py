@@ -23,6 +23,7 @@ from router.api.chat import CHAT
 from router.api.completions import COMPLETIONS
 from router.api.embeddings import EMBEDDINGS
 from router.api.messages import MESSAGES, count as count_tokens
+from router.api.responses import RESPONSES, delete_response, get_response
 from router.config import Settings, get_settings
 from router.errors import RouterError, error_body, http_error_response, router_error_response
 from router.observability import setup_logging
@@ -61,6 +62,8 @@ def create_app(settings: Settings | None = None) -> RouterApp:
         routes=[
             *(Route(path, _routed_route, methods=["POST"]) for path in ROUTED),
             Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+            Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
+            Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
             Route("/v1/models", models.list_models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", models.get_model, methods=["GET"]),
             Route("/register", agents.register, methods=["POST"]),
@@ -80,7 +83,7 @@ def create_app(settings: Settings | None = None) -> RouterApp:
 
 
 #: the routed endpoints (`router.api.routed`), by path
-ROUTED: dict[str, routed.Endpoint] = {e.path: e for e in (CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES)}
+ROUTED: dict[str, routed.Endpoint] = {e.path: e for e in (CHAT, COMPLETIONS, EMBEDDINGS, MESSAGES, RESPONSES)}
 
 
 async def _routed_route(request: Request) -> Response:

@@ -171,6 +171,8 @@ class Settings(BaseSettings):
     request_log_retention_days: float = Field(30.0, gt=0)
     request_log_queue: int = Field(10_000, ge=1)  # rows waiting to be written; beyond, rows are dropped (counted)
     request_log_content: bool = False  # store prompts and answers (also per key: `create-key --log-content`)
+    # [responses] stored Responses-API responses of translated deployments (`store`, `previous_response_id`)
+    responses_store_days: float = Field(30.0, gt=0)
     # [tracing] OTLP export when set (the OpenTelemetry SDK reads its other OTEL_* variables itself)
     otel_exporter_otlp_endpoint: str | None = None
     otel_service_name: str = "llm-router"

@@ -41,6 +41,7 @@ from router.observability.observer import Observer
 from router.observability.request_log import RequestLog, open_log, spend_by_key
 from router.observability.tracing import Tracing
 from router.ratelimit import LocalLimiter, RateLimiter
+from router.responses_store import ResponseStore
 from router.liveness import Liveness
 from router.redis_link import RedisLink, RedisUnavailable
 from router.registry import (AgentEntry, AgentNameTaken, Connection, RegistryUnavailable, Snapshot, SqliteStore,
@@ -102,6 +103,7 @@ class RouterState:
         #: one row per request, written in batches off the request path
         self.request_log = RequestLog.from_settings(settings, self.metrics.request_log_dropped.inc)
         #: each request's end: metrics, budgets, the request log, the access log, the trace
+        self.responses_store = ResponseStore(settings)  # the Responses API's stored answers (translated ones)
         self.tracing = Tracing.from_settings(settings)  # None unless OTEL_EXPORTER_OTLP_ENDPOINT is set
         self.dispatcher.tracing = self.tracing
         self.observer = Observer(settings, self.metrics, self.request_log, self.budgets, self.tracing)
@@ -146,6 +148,7 @@ class RouterState:
         if self.request_log is not None:
             await self.request_log.stop()
         await self.budgets.stop()
+        self.responses_store.close()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)  # the spans still queued, within a bounded wait
         await self.stats.stop()

@@ -34,7 +34,7 @@ _PASS_HEADERS: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ("openai-processing-ms", lambda v: v.replace(".", "", 1).isdigit()),
     ("x-request-id", lambda v: len(v) <= 200 and v.isascii() and v.isprintable()),
 )
-_WHAT = {"choices": "a completion", "data": "a list of embeddings"}
+_WHAT = {"choices": "a completion", "data": "a list of embeddings", "output": "a response"}
 #: upstream headers a client sees under another name: the router's own `x-request-id` is the request's
 _RENAMED = {"x-request-id": "x-upstream-request-id"}
 _DONE_TAIL = 32  # bytes of stream tail kept to see whether `data: [DONE]` arrived
@@ -373,6 +373,11 @@ class UpstreamClient:
             raise self.error_from(provider, resp, await self.read(provider, url, resp))
         if stream:
             return self.relay(provider, url, resp, self.lines(provider, resp))
+        return await self.forward_read(provider, url, resp, field)
+
+    async def forward_read(self, provider: str, url: str | URL, resp: aiohttp.ClientResponse,
+                           field: str = "choices") -> JSONAnswer:
+        """A JSON answer read whole and relayed once seen to hold its `field` list; its usage read."""
         data = await self.read(provider, url, resp)
         try:
             answer = orjson.loads(data)

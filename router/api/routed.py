@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from starlette.responses import Response
@@ -50,6 +50,8 @@ class Endpoint:
     error: Callable[[RouterError], Response] = openai_error
     #: whether OpenRouter's `models` list (fallback models named by the client) is read
     model_lists: bool = False
+    #: what the endpoint adds to a parsed request before it is routed (the Responses API: its stored history)
+    prepare: Callable[[RouterState, Exchange, ChatCall], Awaitable[ChatCall]] | None = None
 
 
 async def handle(state: RouterState, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
@@ -123,6 +125,8 @@ async def _serve(state: RouterState, endpoint: Endpoint, ex: Exchange, scope: Sc
 async def _route(state: RouterState, endpoint: Endpoint, ex: Exchange, client: Client, scope: Scope,
                  receive: Receive) -> tuple[Response | SSEResponse, list[tuple[bytes, bytes]]]:
     call = endpoint.parse(await read_body(scope, receive, state.settings.max_body_bytes))
+    if endpoint.prepare is not None:
+        call = await endpoint.prepare(state, ex, call)
     ex.payload = call.payload
     ex.stream = call.stream
     if ex.log_content:

@@ -8,6 +8,7 @@ whatever `Response` it gives back (JSON, or an `SSEResponse` for streams).
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -39,9 +40,12 @@ class ChatCall:
     body: bytes
     stream: bool
     include_usage: bool
-    #: the operation (the endpoint family): "chat", "embeddings", "completions"; the dispatcher calls the
-    #: provider's method of that name
+    #: the operation (the endpoint family): "chat", "embeddings", "completions", "messages", "responses"; the
+    #: dispatcher calls the provider's method of that name
     op: str = "chat"
+    #: what an endpoint hands its providers besides the request (the Responses API: a stored conversation and
+    #: where to store the answer); never sent upstream
+    context: dict[str, Any] | None = None
 
 
 class Provider(ABC):
@@ -80,6 +84,38 @@ class Provider(ABC):
         completion = orjson.loads(response.body)
         out = JSONAnswer(orjson.dumps(from_chat(completion, call.model)), response.status_code, {})
         out.raw_headers += [(k, v) for k, v in response.raw_headers if k not in (b"content-length", b"content-type")]
+        out.usage = completion.get("usage") if isinstance(completion.get("usage"), dict) else None
+        return out
+
+    async def responses(self, call: ChatCall) -> Response | SSEResponse:
+        """Answer one OpenAI Responses request (`call.payload`): translated to a chat completion for this provider
+        and its answer back (`router.providers.responses_format`); `call.context` brings the stored conversation
+        of `previous_response_id` (`history`) and where to store the answer (`save`). Deployments that serve the
+        Responses API themselves pass it through instead."""
+        from router.providers.responses_format import conversation, from_chat, new_id, to_chat
+        from router.upstream import JSONAnswer, SSEResponse
+
+        context = call.context or {}
+        if call.payload.get("previous_response_id") and context.get("history") is None:
+            raise RouterError(404, f"Previous response with id '{call.payload['previous_response_id']}' not found.",
+                              param="previous_response_id", code="previous_response_not_found")
+        chat = to_chat(call.payload, context.get("history"))
+        chat["model"] = call.model
+        param = self.max_tokens_param
+        if param is not None and param != "max_tokens" and "max_tokens" in chat:
+            chat[param] = chat.pop("max_tokens")
+        response_id, created = new_id("resp"), int(time.time())
+        save = context.get("save")
+        response = await self.chat(ChatCall(call.model, chat, orjson.dumps(chat), call.stream, call.stream))
+        if isinstance(response, SSEResponse):
+            response.body_iterator = _as_responses(response.body_iterator, call.payload, response_id, created, chat,
+                                                   save)
+            return response
+        completion = orjson.loads(response.body)
+        answer = from_chat(completion, call.payload, response_id, created)
+        if save is not None:
+            save(response_id, answer, conversation(chat, answer))
+        out = JSONAnswer(orjson.dumps(answer), response.status_code, {})
         out.usage = completion.get("usage") if isinstance(completion.get("usage"), dict) else None
         return out
 
@@ -169,6 +205,28 @@ async def _as_messages(source: AsyncIterator[bytes], model: str) -> AsyncIterato
             yield tail
     finally:
         await close_source(source)
+
+
+async def _as_responses(source: AsyncIterator[bytes], request: dict[str, Any], response_id: str, created: int,
+                        chat: dict[str, Any], save: Any) -> AsyncIterator[bytes]:
+    """A chat stream as the Responses API's events; the finished response stored when asked."""
+    from router.providers.responses_format import StreamTranslator, conversation
+    from router.upstream import close_source
+
+    translator = StreamTranslator(request, response_id, created)
+    try:
+        yield translator.start()
+        async for chunk in source:
+            out = translator.feed(chunk)
+            if out:
+                yield out
+        tail = translator.close()
+        if tail:
+            yield tail
+    finally:
+        await close_source(source)
+    if translator.final is not None and save is not None:
+        save(response_id, translator.final, conversation(chat, translator.final))
 
 
 class WeightProvider(Provider):

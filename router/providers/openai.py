@@ -45,6 +45,22 @@ class OpenAICompatibleProvider(ApiProvider):
         assert not isinstance(answer, SSEResponse)
         return answer
 
+    #: whether the upstream serves OpenAI's Responses API itself (then `/v1/responses` passes through)
+    serves_responses = False
+
+    async def responses(self, call: ChatCall) -> Response | SSEResponse:
+        if not self.serves_responses:
+            return await super().responses(call)
+        url = self.base_url + "/v1/responses"
+        http = self.http
+        resp = await http.open(self.type, url, call.body, self.headers())
+        if resp.status >= 400:
+            raise http.error_from(self.type, resp, await http.read(self.type, url, resp))
+        if call.stream:
+            return http.relay(self.type, url, resp, http.lines(self.type, resp, b"response."))
+        answer = await http.forward_read(self.type, url, resp, "output")
+        return answer
+
     async def completions(self, call: ChatCall) -> Response | SSEResponse:
         """The legacy `/v1/completions`, passed through, streams as they come."""
         return await self.http.forward(self.type, self.base_url + "/v1/completions", call.body, self.headers(),
@@ -65,3 +81,4 @@ class OpenAIProvider(OpenAICompatibleProvider):
         official = settings.openai_base_url if settings is not None else "https://api.openai.com"
         if official and same_origin(self.base_url, official):
             self.max_tokens_param = None
+            self.serves_responses = True  # OpenAI's own API: /v1/responses passes through

@@ -33,6 +33,12 @@ _TABLES = ("model_groups", "deployments", "aliases", "agents", "client_keys", "a
 _TS = "DOUBLE PRECISION"
 _NAME = 'TEXT COLLATE "C"'  # byte order, as SQLite sorts
 
+def _stored_responses() -> list[str]:
+    from router.observability.request_log import STORED_RESPONSES
+
+    return list(STORED_RESPONSES)
+
+
 def _request_log_migration() -> list[str]:
     from router.observability.request_log import POSTGRES_MIGRATION
 
@@ -135,6 +141,8 @@ MIGRATIONS: list[list[str]] = [
      "ALTER TABLE client_keys ADD COLUMN log_content BOOLEAN"],
     # the request log (router/observability/request_log.py), written in batches; no change trigger
     _request_log_migration(),
+    # stored Responses-API responses (router/responses_store.py); no change trigger
+    [stmt.replace("REAL", _TS) for stmt in _stored_responses()],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

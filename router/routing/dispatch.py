@@ -162,9 +162,10 @@ class _Replayed:
 
 
 #: what marks a chunk as carrying the answer: text (a legacy completion's `text` too), a tool call, a refusal,
-#: the end; in Anthropic's Messages events, a block's delta or the end
+#: the end; in Anthropic's Messages events, a block's delta or the end; in the Responses API's, a delta or the end
 _CONTENT = re.compile(rb'"(?:content|reasoning_content|refusal|text)"\s*:\s*"[^"]|"tool_calls"\s*:\s*\[\s*\{'
-                      rb'|"finish_reason"\s*:\s*"|\[DONE\]|content_block_delta|message_stop')
+                      rb'|"finish_reason"\s*:\s*"|\[DONE\]|content_block_delta|message_stop'
+                      rb'|response\.output_text\.delta|response\.function_call_arguments\.delta|response\.completed')
 _READ_AHEAD_LIMIT = 64 * 1024  # bytes read ahead before the first content at most (then it is sent as it is)
 
 
@@ -295,7 +296,8 @@ class Dispatcher:
         if g.name and g.name != call.model:
             payload = {**call.payload, "model": g.name}
             payload.pop("models", None)
-            req.call = ChatCall(g.name, payload, orjson.dumps(payload), call.stream, call.include_usage, call.op)
+            req.call = ChatCall(g.name, payload, orjson.dumps(payload), call.stream, call.include_usage, call.op,
+                                call.context)
             req.facts = None
         return req
 
@@ -569,9 +571,9 @@ def _prepare(call: ChatCall, d: Deployment, drop: tuple[str, ...]) -> ChatCall:
     rename = d.rename
     if rename is None:
         return ChatCall(call.model, payload, orjson.dumps(payload), call.stream,
-                        call.include_usage, call.op) if changed else call
+                        call.include_usage, call.op, call.context) if changed else call
     if not changed:
         payload = dict(payload)
     payload["model"] = rename.upstream
     body = orjson.dumps(payload) if changed else rename.request(call.body)
-    return ChatCall(rename.upstream, payload, body, call.stream, call.include_usage, call.op)
+    return ChatCall(rename.upstream, payload, body, call.stream, call.include_usage, call.op, call.context)

@@ -29,7 +29,7 @@ def ask_for_usage(call: ChatCall) -> ChatCall:
     else:
         payload = {**call.payload, "stream_options": {**options, "include_usage": True}}
         body = orjson.dumps(payload)
-    return ChatCall(call.model, payload, body, call.stream, True, call.op)
+    return ChatCall(call.model, payload, body, call.stream, True, call.op, call.context)
 
 
 class UsageTap:

@@ -86,6 +86,7 @@ class OpenAIStub(ThreadedServer):
         app.router.add_get("/api/v1/models", self._models)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/responses", self._responses)
 
     def reset(self) -> None:
         super().reset()
@@ -180,6 +181,19 @@ class OpenAIStub(ThreadedServer):
             for entry in body["data"]:
                 entry["embedding"] = base64.b64encode(struct.pack(f"<{size}f", *entry["embedding"])).decode()
         return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's own Responses API (what the router passes through to OpenAI): a text answer."""
+        payload = await self._checked(request, "CreateResponse")
+        if isinstance(payload, web.Response):
+            return payload
+        answer = {"id": "resp_stub", "object": "response", "created_at": 1700000000, "status": "completed",
+                  "model": payload["model"], "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+                  "output": [{"id": "msg_stub", "type": "message", "role": "assistant", "status": "completed",
+                              "content": [{"type": "output_text", "text": self.reply_text(), "annotations": []}]}],
+                  "usage": {"input_tokens": 4, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 3,
+                            "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 7}}
+        return web.json_response(answer)
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         """The legacy completions API: "Hello from <name>" as text, streaming or not."""

@@ -87,7 +87,7 @@ class Agent:
             body = await read_body(scope, receive, self.settings.max_body_bytes)
             hops.outgoing.set(_received_hops(scope))  # a worker that is a router sees the chain and can refuse a loop
             for name, value in scope["headers"]:  # the router's request id and trace go on to the worker
-                if name == b"x-request-id" and len(value) <= 200:
+                if name == b"x-client-request-id" and len(value) <= 200:
                     upstream.outgoing_request_id.set(value.decode("latin-1"))
                 elif name == b"traceparent" and len(value) <= 128:
                     upstream.outgoing_traceparent.set(value.decode("latin-1"))

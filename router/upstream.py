@@ -44,9 +44,11 @@ USER_AGENT = "llm-router"  # what upstreams see (no library or Python version)
 STALE_CLOSE_WITHIN = 0.25
 
 
-#: the request id the current request sends upstream (`x-request-id`); unset outside a routed request
+#: the request id the current request sends upstream; unset outside a routed request. It goes as
+#: `x-client-request-id`, OpenAI's header for a caller's own id: some servers refuse an `x-request-id` that is
+#: not a UUID (llama-cpp-python answers 400), and the upstream's `x-request-id` is its own
 outgoing_request_id: ContextVar[str | None] = ContextVar("router_request_id", default=None)
-REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID_HEADER = "x-client-request-id"
 #: the W3C `traceparent` of the current upstream attempt's span (`router.observability.tracing`), when tracing
 outgoing_traceparent: ContextVar[str | None] = ContextVar("router_traceparent", default=None)
 

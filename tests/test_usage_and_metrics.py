@@ -48,7 +48,8 @@ def test_usage_cost_and_metrics_for_answers_and_streams(priced, stub: OpenAIStub
                          headers={**AUTH, "x-request-id": "client-chosen-id-1"})
     assert resp.status_code == 200
     assert resp.headers["x-request-id"] == "client-chosen-id-1"
-    assert stub.requests[-1].headers["x-request-id"] == "client-chosen-id-1"  # forwarded upstream
+    # forwarded upstream as OpenAI's header for a caller's own id
+    assert stub.requests[-1].headers["x-client-request-id"] == "client-chosen-id-1"
     assert resp.headers["x-upstream-request-id"] == "req_stub"  # the upstream's own id, under its own name
     expected = (9 * IN_PRICE + 3 * OUT_PRICE) / 1e6  # the stub's usage: 9 prompt, 3 completion tokens
     assert float(resp.headers["x-router-cost"]) == pytest.approx(expected)

@@ -44,12 +44,12 @@ def test_request_id_and_traceparent_go_on_to_the_worker(agent: tuple[AgentProces
     parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     with process.http() as http:
         sent = http.post("/v1/chat/completions", json={"model": "m", "messages": MSG},
-                         headers={"x-request-id": "req-from-router", "traceparent": parent})
+                         headers={"x-client-request-id": "req-from-router", "traceparent": parent})
         assert sent.status_code == 200
-        assert worker.last().headers.get("x-request-id") == "req-from-router"
+        assert worker.last().headers.get("x-client-request-id") == "req-from-router"
         assert worker.last().headers.get("traceparent") == parent
         assert http.post("/v1/chat/completions", json={"model": "m", "messages": MSG}).status_code == 200
-        assert "traceparent" not in worker.last().headers and "x-request-id" not in worker.last().headers
+        assert "traceparent" not in worker.last().headers and "x-client-request-id" not in worker.last().headers
 
 
 def test_oversized_and_repeated_key_bodies_are_clear_4xx(agent: tuple[AgentProcess, OpenAIStub]) -> None:

@@ -237,17 +237,19 @@ def test_prompts_and_answers_are_kept_only_for_keys_that_ask(start_router, stub:
     kept = router.cli("create-key", "--name", "audited", "--log-content").stdout.strip()
     plain = router.cli("create-key", "--name", "private").stdout.strip()
     with router.http() as http:
-        assert wait_for(lambda: http.get("/v1/models", headers={"Authorization": f"Bearer {kept}"})
-                        .status_code == 200, 5)
+        for key in (kept, plain):  # the router picks new keys up within a second
+            assert wait_for(lambda key=key: http.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+                            .status_code == 200, 10)
         ids = {}
         for name, key in (("audited", kept), ("private", plain)):
             for stream in (False, True):
                 resp = http.post("/v1/chat/completions", json={"model": "gpt-4o", "stream": stream, "messages": [
                     {"role": "user", "content": f"secret question of {name}"}]},
                     headers={"Authorization": f"Bearer {key}"})
+                assert resp.status_code == 200, resp.text
                 ids[(name, stream)] = resp.headers["x-request-id"]
     path = tmp_path / "data" / "requests.db"
-    assert wait_for(lambda: path.exists() and count(path) == 4, 5)
+    assert wait_for(lambda: path.exists() and count(path) == 4, 10)
     with sqlite3.connect(path) as conn:
         stored = {r[0]: (r[1], r[2]) for r in conn.execute(
             "SELECT request_id, request_body, response_body FROM request_log")}

@@ -28,6 +28,7 @@ from typing import Any
 
 from router.config import Settings
 from router.observability.exchange import ROW_COLUMNS
+from router.registry.sqlite import open_sqlite
 from router.registry.store import Connection
 
 log = logging.getLogger("router.request_log")
@@ -100,24 +101,7 @@ class LogStore:
             from router.registry.postgres import PostgresStore
 
             return PostgresStore(self.postgres_url).connect(busy_timeout)
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version < len(SQLITE_MIGRATIONS):
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for statements in SQLITE_MIGRATIONS[conn.execute("PRAGMA user_version").fetchone()[0]:]:
-                    for statement in statements:
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {len(SQLITE_MIGRATIONS)}")
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        return conn
+        return open_sqlite(self.path, busy_timeout, SQLITE_MIGRATIONS)
 
 
 def open_log(settings: Settings) -> LogStore:

@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from router.errors import RouterError
+from router.providers.chat_stream import ChatStreamReader
 
 JSON = dict[str, Any]
 
@@ -274,48 +275,27 @@ def error_event(status: int, message: str) -> bytes:
     return event("error", {"error": {"type": error_type(status), "message": message}})
 
 
-class StreamTranslator:
+class StreamTranslator(ChatStreamReader):
     """OpenAI chat SSE -> Anthropic Messages events (see the module's docstring)."""
 
     def __init__(self, model: str) -> None:
+        super().__init__()
         self.model = model
-        self.pending = b""
         self.started = False
         self.block: tuple[str, int] | None = None  # the open block: ("text" | "thinking" | "tool", chat index)
         self.index = -1  # Anthropic's block index
         self.stop: str | None = None
         self.usage: JSON | None = None
-        self.ended = False
 
-    def feed(self, chunk: bytes) -> bytes:
-        self.pending += chunk
-        lines = self.pending.split(b"\n")
-        self.pending = lines.pop()
-        return b"".join(self._line(line.rstrip(b"\r")) for line in lines)
+    def failed(self, error: JSON) -> bytes:
+        code = str(error.get("code") or error.get("type") or "")
+        status = 429 if "rate" in code else 503 if "overload" in code else 500
+        return error_event(status, str(error.get("message") or "the upstream failed"))
 
-    def close(self) -> bytes:
-        out = self._line(self.pending.rstrip(b"\r")) if self.pending else b""
-        self.pending = b""
-        return out
+    def done(self) -> bytes:
+        return self._end()
 
-    def _line(self, line: bytes) -> bytes:
-        if self.ended or not line.startswith(b"data:"):
-            return b""
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            return self._end()
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return b""
-        if not isinstance(chunk, dict):
-            return b""
-        if "error" in chunk:
-            self.ended = True
-            error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
-            code = str(error.get("code") or error.get("type") or "")
-            status = 429 if "rate" in code else 503 if "overload" in code else 500
-            return error_event(status, str(error.get("message") or "the upstream failed"))
+    def chunk(self, chunk: JSON) -> bytes:
         out = self._start(chunk) if not self.started else b""
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
@@ -365,7 +345,6 @@ class StreamTranslator:
         return event("content_block_stop", {"index": self.index})
 
     def _end(self) -> bytes:
-        self.ended = True
         out = b"" if self.started else self._start({})
         out += self._close_block()
         usage = _usage(self.usage)

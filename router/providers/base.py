@@ -69,7 +69,8 @@ class Provider(ABC):
         """Answer one Anthropic Messages request (`call.payload` is one): translated to a chat completion for
         this provider and its answer back (`router.providers.anthropic_messages`); Anthropic's own deployments
         pass it through instead."""
-        from router.providers.anthropic_messages import from_chat, to_chat
+        from router.providers.anthropic_messages import StreamTranslator, from_chat, to_chat
+        from router.providers.chat_stream import rewritten
         from router.upstream import JSONAnswer, SSEResponse
 
         chat = to_chat(call.payload)
@@ -79,7 +80,7 @@ class Provider(ABC):
             chat[param] = chat.pop("max_tokens")
         response = await self.chat(ChatCall(call.model, chat, orjson.dumps(chat), call.stream, call.stream))
         if isinstance(response, SSEResponse):
-            response.body_iterator = _as_messages(response.body_iterator, call.model)
+            response.body_iterator = rewritten(response.body_iterator, StreamTranslator(call.model))
             return response
         completion = orjson.loads(response.body)
         out = JSONAnswer(orjson.dumps(from_chat(completion, call.model)), response.status_code, {})
@@ -189,42 +190,15 @@ class ApiProvider(Provider):
         return self.api_key.get_secret_value()
 
 
-async def _as_messages(source: AsyncIterator[bytes], model: str) -> AsyncIterator[bytes]:
-    """A chat stream as Anthropic's Messages events."""
-    from router.providers.anthropic_messages import StreamTranslator
-    from router.upstream import close_source
-
-    translator = StreamTranslator(model)
-    try:
-        async for chunk in source:
-            out = translator.feed(chunk)
-            if out:
-                yield out
-        tail = translator.close()
-        if tail:
-            yield tail
-    finally:
-        await close_source(source)
-
-
 async def _as_responses(source: AsyncIterator[bytes], request: dict[str, Any], response_id: str, created: int,
                         chat: dict[str, Any], save: Any) -> AsyncIterator[bytes]:
     """A chat stream as the Responses API's events; the finished response stored when asked."""
+    from router.providers.chat_stream import rewritten
     from router.providers.responses_format import StreamTranslator, conversation
-    from router.upstream import close_source
 
     translator = StreamTranslator(request, response_id, created)
-    try:
-        yield translator.start()
-        async for chunk in source:
-            out = translator.feed(chunk)
-            if out:
-                yield out
-        tail = translator.close()
-        if tail:
-            yield tail
-    finally:
-        await close_source(source)
+    async for out in rewritten(source, translator):
+        yield out
     if translator.final is not None and save is not None:
         save(response_id, translator.final, conversation(chat, translator.final))
 

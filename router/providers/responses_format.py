@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from router.errors import RouterError
+from router.providers.chat_stream import ChatStreamReader
 
 JSON = dict[str, Any]
 
@@ -210,19 +211,18 @@ def conversation(chat: JSON, response: JSON) -> list[JSON]:
     return [*messages, answer]
 
 
-class StreamTranslator:
+class StreamTranslator(ChatStreamReader):
     """Chat SSE bytes -> the Responses events (`event: <type>` and `data:` with a `sequence_number`)."""
 
     def __init__(self, request: JSON, response_id: str, created_at: int) -> None:
+        super().__init__()
         self.request, self.id, self.created = request, response_id, created_at
-        self.pending = b""
         self.sequence = 0
         self.output: list[JSON] = []
         self.open: JSON | None = None  # the item being streamed
         self.calls: dict[int, JSON] = {}  # chat tool-call index -> its function_call item
         self.finish: str | None = None
         self.usage: JSON | None = None
-        self.done = False
         self.final: JSON | None = None
 
     def _event(self, kind: str, data: JSON) -> bytes:
@@ -238,35 +238,15 @@ class StreamTranslator:
         return self._event("response.created", {"response": snapshot}) + \
             self._event("response.in_progress", {"response": snapshot})
 
-    def feed(self, chunk: bytes) -> bytes:
-        self.pending += chunk
-        lines = self.pending.split(b"\n")
-        self.pending = lines.pop()
-        return b"".join(self._line(line.rstrip(b"\r")) for line in lines)
+    def failed(self, error: JSON) -> bytes:
+        failed = self._snapshot("failed")
+        failed["error"] = {"code": "server_error", "message": str(error.get("message") or "upstream failure")}
+        return self._event("response.failed", {"response": failed})
 
-    def close(self) -> bytes:
-        out = self._line(self.pending.rstrip(b"\r")) if self.pending else b""
-        self.pending = b""
-        return out
+    def done(self) -> bytes:
+        return self._end()
 
-    def _line(self, line: bytes) -> bytes:
-        if self.done or not line.startswith(b"data:"):
-            return b""
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            return self._end()
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return b""
-        if not isinstance(chunk, dict):
-            return b""
-        if "error" in chunk:
-            self.done = True
-            error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
-            failed = self._snapshot("failed")
-            failed["error"] = {"code": "server_error", "message": str(error.get("message") or "upstream failure")}
-            return self._event("response.failed", {"response": failed})
+    def chunk(self, chunk: JSON) -> bytes:
         out = b""
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
@@ -334,7 +314,6 @@ class StreamTranslator:
 
     def _end(self) -> bytes:
         out = self._close_item()
-        self.done = True
         length = self.finish == "length"
         self.final = self._snapshot("incomplete" if length else "completed", usage_of(self.usage),
                                     "max_output_tokens" if length else None)

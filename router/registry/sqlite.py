@@ -147,6 +147,35 @@ MIGRATIONS.append([
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+def open_sqlite(path: str, busy_timeout: float,
+                migrations: Sequence[Sequence[str | Callable[[sqlite3.Connection], None]]]) -> sqlite3.Connection:
+    """A connection to the SQLite file at `path` (its folder made): autocommit (transactions are explicit), WAL,
+    waiting up to `busy_timeout` seconds for another writer's lock, migrated to the end of `migrations` (each a
+    list of statements or Python steps; the version is PRAGMA user_version; concurrent openers are serialised)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= len(migrations):
+        return conn
+    conn.execute("BEGIN IMMEDIATE")  # serialises concurrent workers migrating at once
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        for i in range(version, len(migrations)):
+            for stmt in migrations[i]:
+                if callable(stmt):
+                    stmt(conn)
+                else:
+                    conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version = {i + 1}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return conn
+
+
 class SqliteStore(RegistryStore):
     """The registry in one SQLite file (the embedded default): opens it (creating its folder), migrates it."""
 
@@ -163,33 +192,7 @@ class SqliteStore(RegistryStore):
 
     def connect(self, busy_timeout: float = 10.0) -> sqlite3.Connection:
         """A connection that waits up to `busy_timeout` seconds for another writer's lock."""
-        folder = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(folder, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        self._migrate(conn)
-        return conn
-
-    @staticmethod
-    def _migrate(conn: sqlite3.Connection) -> None:
-        if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
-            return
-        conn.execute("BEGIN IMMEDIATE")  # serialises concurrent workers migrating at once
-        try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            for i in range(version, SCHEMA_VERSION):
-                for stmt in MIGRATIONS[i]:
-                    if callable(stmt):
-                        stmt(conn)
-                    else:
-                        conn.execute(stmt)
-                conn.execute(f"PRAGMA user_version = {i + 1}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        return open_sqlite(self.path, busy_timeout, MIGRATIONS)
 
     def data_version(self, conn: Connection) -> int:
         """Changes whenever another connection commits to the database (not this one's own commits)."""

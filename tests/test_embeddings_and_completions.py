@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from tests.conftest import UPSTREAM_KEY
+from tests.test_request_log import count
 from tests.support.openai_stub import OpenAIStub, wait_for
 from tests.support.schema import assert_valid
 from tests.test_observability import sample
@@ -64,8 +65,7 @@ def test_embeddings_route_rename_cache_and_count(router, stub: OpenAIStub, tmp_p
     assert sample(text, "gen_ai_client_token_usage_sum", gen_ai_operation_name="embeddings",
                   gen_ai_token_type="input") == 6  # 3 tokens, twice (the cache hit too: its usage is the answer's)
     path = tmp_path / "data" / "requests.db"
-    assert wait_for(lambda: path.exists() and sqlite3.connect(path).execute(
-        "SELECT COUNT(*) FROM request_log WHERE endpoint = '/v1/embeddings'").fetchone()[0] == 2, 5)
+    assert wait_for(lambda: count(path, "endpoint = '/v1/embeddings'") == 2, 10)
     with sqlite3.connect(path) as conn:
         rows = conn.execute("SELECT prompt_tokens, completion_tokens, cost, cache_hit FROM request_log "
                             "WHERE endpoint = '/v1/embeddings' ORDER BY id").fetchall()

@@ -19,6 +19,7 @@ from pydantic import TypeAdapter
 from router.providers.anthropic_messages import StreamTranslator, from_chat, to_chat
 from tests.conftest import ANTHROPIC_KEY, UPSTREAM_KEY
 from tests.support.anthropic_stub import AnthropicStub
+from tests.test_request_log import count
 from tests.support.openai_stub import OpenAIStub, wait_for
 from tests.support.schema import assert_valid
 
@@ -152,8 +153,7 @@ def test_count_tokens_and_the_request_log(router, tmp_path: Path, anthropic_upst
     assert anthropic_upstream.requests[-1].path == "/v1/messages/count_tokens" and exact.input_tokens > 0
     client.messages.create(model="dummy", max_tokens=16, messages=[{"role": "user", "content": "hi"}])
     path = tmp_path / "data" / "requests.db"
-    assert wait_for(lambda: path.exists() and sqlite3.connect(path).execute(
-        "SELECT COUNT(*) FROM request_log WHERE endpoint = '/v1/messages'").fetchone()[0] == 1, 5)
+    assert wait_for(lambda: count(path, "endpoint = '/v1/messages'") == 1, 10)
     with sqlite3.connect(path) as conn:
         row = conn.execute("SELECT key_name, model, status, prompt_tokens, completion_tokens FROM request_log "
                            "WHERE endpoint = '/v1/messages'").fetchone()

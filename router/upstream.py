@@ -102,6 +102,9 @@ class SSEResponse:
 
     #: the stream's token usage (OpenAI's `usage` object), once whoever made the stream knows it
     usage: dict[str, Any] | None = None
+    #: what read the stream for its usage (`router.routing.usage.UsageTap`: its event count, the answer it kept),
+    #: found here whatever wraps the stream later (renames, the cache's recording)
+    tap: Any = None
 
     def __init__(self, content: AsyncIterator[bytes], status_code: int = 200,
                  headers: Mapping[str, str] | None = None) -> None:

@@ -112,6 +112,7 @@ def test_metrics_record_labels_and_bounded_models() -> None:
     for i in range(3):
         ex = Exchange(new_request_id(), "/v1/chat/completions")
         ex.model, ex.deployment, ex.provider, ex.status, ex.client = "g", "d1", "openai", 200, "team"
+        ex.started = 0.0  # exact arithmetic: 0.01 after a large clock reading can land just above the bucket bound
         ex.stream, ex.first_token, ex.upstream_seconds = True, ex.started + 0.01, 0.0
         obs.settle(ex, {"prompt_tokens": 10, "completion_tokens": 5}, None, _Priced())  # type: ignore[arg-type]
         obs.finish(ex, ex.started + 0.05 + i * 0.01)

@@ -33,9 +33,8 @@ def parse_responses(body: bytes) -> ChatCall:
     if not isinstance(value, (str, list)) or (isinstance(value, list) and not value):
         raise RouterError(400, "'input' must be a string or a non-empty array of input items.", param="input",
                           code="invalid_type")
-    for name in ("store",):
-        if payload.get(name) is not None and not isinstance(payload[name], bool):
-            raise RouterError(400, f"'{name}' must be a boolean.", param=name, code="invalid_type")
+    if payload.get("store") is not None and not isinstance(payload["store"], bool):
+        raise RouterError(400, "'store' must be a boolean.", param="store", code="invalid_type")
     previous = payload.get("previous_response_id")
     if previous is not None and not isinstance(previous, str):
         raise RouterError(400, "'previous_response_id' must be a string.", param="previous_response_id",

@@ -146,10 +146,8 @@ def settle_stream(state: RouterState, ex: Exchange, response: SSEResponse) -> No
     """A stream's usage and cost once it ended, and its failure, if it ended with an error event."""
     if response.failure is not None:
         ex.error_code = response.failure.code
-    tap = response.body_iterator
-    while not isinstance(tap, UsageTap) and hasattr(tap, "source"):  # under the cache's and renames' wrappers
-        tap = tap.source
-    events = tap.events if isinstance(tap, UsageTap) else 0
+    tap = response.tap
+    events = tap.events if isinstance(tap, UsageTap) else 0  # (a cached replay has none)
     if isinstance(tap, UsageTap) and tap.keep is not None:
         ex.response_body = b"".join(tap.keep)
     state.observer.settle(ex, response.usage, ex.payload, ex.target, max(0, events - 2))

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 class RequestLog(Protocol):
-    """Where finished requests' rows go (`router.observability.requestlog`)."""
+    """Where finished requests' rows go (`router.observability.request_log`)."""
 
     def submit(self, row: tuple[Any, ...]) -> None: ...
 

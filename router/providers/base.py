@@ -73,11 +73,7 @@ class Provider(ABC):
         from router.providers.chat_stream import rewritten
         from router.upstream import JSONAnswer, SSEResponse
 
-        chat = to_chat(call.payload)
-        chat["model"] = call.model
-        param = self.max_tokens_param
-        if param is not None and param != "max_tokens":
-            chat[param] = chat.pop("max_tokens")
+        chat = self._for_chat(to_chat(call.payload), call.model)
         response = await self.chat(ChatCall(call.model, chat, orjson.dumps(chat), call.stream, call.stream))
         if isinstance(response, SSEResponse):
             response.body_iterator = rewritten(response.body_iterator, StreamTranslator(call.model))
@@ -100,11 +96,7 @@ class Provider(ABC):
         if call.payload.get("previous_response_id") and context.get("history") is None:
             raise RouterError(404, f"Previous response with id '{call.payload['previous_response_id']}' not found.",
                               param="previous_response_id", code="previous_response_not_found")
-        chat = to_chat(call.payload, context.get("history"))
-        chat["model"] = call.model
-        param = self.max_tokens_param
-        if param is not None and param != "max_tokens" and "max_tokens" in chat:
-            chat[param] = chat.pop("max_tokens")
+        chat = self._for_chat(to_chat(call.payload, context.get("history")), call.model)
         response_id, created = new_id("resp"), int(time.time())
         save = context.get("save")
         response = await self.chat(ChatCall(call.model, chat, orjson.dumps(chat), call.stream, call.stream))
@@ -119,6 +111,14 @@ class Provider(ABC):
         out = JSONAnswer(orjson.dumps(answer), response.status_code, {})
         out.usage = completion.get("usage") if isinstance(completion.get("usage"), dict) else None
         return out
+
+    def _for_chat(self, chat: dict[str, Any], model: str) -> dict[str, Any]:
+        """A translated request as this provider's chat: its upstream model, the output limit in its field."""
+        chat["model"] = model
+        param = self.max_tokens_param
+        if param is not None and param != "max_tokens" and "max_tokens" in chat:
+            chat[param] = chat.pop("max_tokens")
+        return chat
 
     async def completions(self, call: ChatCall) -> Response | SSEResponse:
         """Answer one legacy `/v1/completions` request, streaming or not, or raise `RouterError`."""

@@ -5,6 +5,7 @@ subclass (`chunk`, `done` at `[DONE]`, `failed` for an error event), once the st
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +14,7 @@ import orjson
 JSON = dict[str, Any]
 
 
-class ChatStreamReader:
+class ChatStreamReader(ABC):
     def __init__(self) -> None:
         self.pending = b""
         self.ended = False
@@ -22,14 +23,17 @@ class ChatStreamReader:
         """What goes before the first chunk's events (nothing by default)."""
         return b""
 
+    @abstractmethod
     def chunk(self, chunk: JSON) -> bytes:
-        raise NotImplementedError
+        """The events for one chat chunk."""
 
+    @abstractmethod
     def done(self) -> bytes:
-        raise NotImplementedError
+        """The events that end the stream, at `[DONE]`."""
 
+    @abstractmethod
     def failed(self, error: JSON) -> bytes:
-        raise NotImplementedError
+        """The events for an error event (the stream ends there)."""
 
     def feed(self, data: bytes) -> bytes:
         self.pending += data

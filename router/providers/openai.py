@@ -58,8 +58,7 @@ class OpenAICompatibleProvider(ApiProvider):
             raise http.error_from(self.type, resp, await http.read(self.type, url, resp))
         if call.stream:
             return http.relay(self.type, url, resp, http.lines(self.type, resp, b"response."))
-        answer = await http.forward_read(self.type, url, resp, "output")
-        return answer
+        return await http.forward_read(self.type, url, resp, "output")
 
     async def completions(self, call: ChatCall) -> Response | SSEResponse:
         """The legacy `/v1/completions`, passed through, streams as they come."""

@@ -463,7 +463,7 @@ class Dispatcher:
                         response = await (d.provider.chat(sent) if sent.op == "chat"
                                           else getattr(d.provider, sent.op)(sent))
                         if isinstance(response, SSEResponse):
-                            response.body_iterator = UsageTap(
+                            response.body_iterator = response.tap = UsageTap(
                                 response.body_iterator, response, sent.op in _ASKS_USAGE and not call.include_usage,
                                 [] if ex is not None and ex.log_content else None)
                             await _first_content(response)
